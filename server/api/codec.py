@@ -1,0 +1,274 @@
+"""V2 tensor codec: ModelInferRequest -> validated InferRequest, InferResult -> ModelInferResponse.
+
+A request is validated completely here, before it can join a batch, so one bad request never
+fails others. Every rejection names the field. The raw path (`raw_input_contents`) decodes to
+numpy views without per-element Python; the typed path (`contents`) is supported for clients
+that use it, and the response uses the same form as the request.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from server._proto import inference_pb2 as pb
+from server.errors import InvalidArgument, ResourceExhausted
+from server.types import NUMPY_TO_V2, V2_TO_NUMPY, InferRequest, InferResult, ModelSignature
+
+# Which typed `contents` field carries each datatype (FP16 and BF16 have none: raw only).
+TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_CONTENT_FIELDS = tuple(sorted(set(TYPED_FIELD.values())))
+
+
+class Limits:
+    """Per-model bounds a request is checked against."""
+
+    __slots__ = ("max_batch_size", "max_elements")
+
+    def __init__(self, max_batch_size: int, max_elements: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_elements = max_elements
+
+
+def _has_typed(tensor: Any) -> bool:
+    if not tensor.HasField("contents"):
+        return False
+    contents = tensor.contents
+    return any(len(getattr(contents, f)) for f in _CONTENT_FIELDS)
+
+
+def _decode_raw_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
+    """BYTES elements on the raw path: each a 4-byte little-endian length, then the bytes."""
+    items: list[bytes] = []
+    offset = 0
+    size = len(raw)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidArgument(f"input '{name}': truncated BYTES element length in raw_input_contents")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidArgument(f"input '{name}': BYTES element overruns raw_input_contents")
+        items.append(raw[offset : offset + length])
+        offset += length
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input '{name}': raw_input_contents holds {len(items)} BYTES elements; shape needs {count}"
+        )
+    out = np.empty(count, dtype=object)
+    out[:] = items
+    return out
+
+
+def _check_shape(name: str, shape: Sequence[int], expected: tuple[int, ...], limits: Limits) -> int:
+    """Validate a requested shape against the model's; return its element count."""
+    if len(shape) != len(expected):
+        raise InvalidArgument(
+            f"input '{name}' has shape {list(shape)} (rank {len(shape)}); "
+            f"model expects rank {len(expected)} {list(expected)}"
+        )
+    count = 1
+    for i, dim in enumerate(shape):
+        if dim < 0:
+            raise InvalidArgument(f"input '{name}' has a negative dimension in shape {list(shape)}")
+        want = expected[i]
+        if want != -1 and dim != want:
+            raise InvalidArgument(
+                f"input '{name}' has shape {list(shape)}; model expects {list(expected)} "
+                f"(dimension {i} must be {want})"
+            )
+        count *= dim
+    if count > limits.max_elements:
+        raise ResourceExhausted(
+            f"input '{name}' has {count} elements; the limit is {limits.max_elements} (max_tensor_elements)"
+        )
+    return count
+
+
+def decode_request(
+    request: Any,
+    signature: ModelSignature,
+    limits: Limits,
+    version: str | None,
+    deadline: float | None,
+) -> InferRequest:
+    """Validate a ModelInferRequest against a model's signature and decode its tensors."""
+    specs = signature.inputs
+    tensors = request.inputs
+    raw_contents = request.raw_input_contents
+    use_raw = len(raw_contents) > 0
+    if use_raw and len(raw_contents) != len(tensors):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw_contents)} entries for {len(tensors)} inputs"
+        )
+    if len(tensors) != len(specs):
+        seen = {t.name for t in tensors}
+        missing = [s.name for s in specs if s.name not in seen]
+        if missing:
+            raise InvalidArgument(f"missing input '{missing[0]}' (model expects: {', '.join(s.name for s in specs)})")
+    inputs: dict[str, np.ndarray] = {}
+    rows = -1
+    for index, tensor in enumerate(tensors):
+        name = tensor.name
+        spec = signature.input(name)
+        if spec is None:
+            raise InvalidArgument(
+                f"unknown input '{name}' (model expects: {', '.join(s.name for s in specs)})"
+            )
+        if name in inputs:
+            raise InvalidArgument(f"input '{name}' appears more than once")
+        datatype = tensor.datatype
+        if datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input '{name}' has datatype {datatype or '(empty)'}; model expects {spec.datatype}"
+            )
+        shape = tensor.shape
+        count = _check_shape(name, shape, spec.shape, limits)
+        dtype = V2_TO_NUMPY[datatype]
+        if use_raw:
+            if _has_typed(tensor):
+                raise InvalidArgument(
+                    f"input '{name}' has both raw_input_contents and typed contents; use one"
+                )
+            raw = raw_contents[index]
+            if datatype == "BYTES":
+                array = _decode_raw_bytes(raw, count, name).reshape(tuple(shape))
+            else:
+                need = count * dtype.itemsize
+                if len(raw) != need:
+                    raise InvalidArgument(
+                        f"input '{name}': raw_input_contents holds {len(raw)} bytes; "
+                        f"shape {list(shape)} of {datatype} needs {need}"
+                    )
+                array = np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+        else:
+            array = _decode_typed(tensor, datatype, dtype, count, name).reshape(tuple(shape))
+        n = shape[0] if len(shape) else 1
+        if rows == -1:
+            rows = n
+        elif n != rows:
+            raise InvalidArgument(
+                f"input '{name}' has {n} rows but other inputs have {rows}; batch dimensions must agree"
+            )
+        inputs[name] = array
+    if len(inputs) != len(specs):
+        missing = [s.name for s in specs if s.name not in inputs]
+        raise InvalidArgument(f"missing input '{missing[0]}' (model expects: {', '.join(s.name for s in specs)})")
+    if rows == 0:
+        raise InvalidArgument("request has zero rows (batch dimension 0)")
+    if rows > limits.max_batch_size:
+        raise InvalidArgument(
+            f"request has {rows} rows; the model accepts at most {limits.max_batch_size} (max_batch_size)"
+        )
+    outputs: tuple[str, ...] | None = None
+    if request.outputs:
+        names = []
+        for out in request.outputs:
+            if signature.output(out.name) is None:
+                raise InvalidArgument(
+                    f"unknown output '{out.name}' requested "
+                    f"(model has: {', '.join(o.name for o in signature.outputs)})"
+                )
+            if out.name in names:
+                raise InvalidArgument(f"output '{out.name}' requested more than once")
+            names.append(out.name)
+        outputs = tuple(names)
+    return InferRequest(
+        model=request.model_name,
+        version=version,
+        id=request.id,
+        inputs=inputs,
+        rows=rows,
+        outputs=outputs,
+        raw_output=use_raw,
+        deadline=deadline,
+    )
+
+
+def _decode_typed(tensor: Any, datatype: str, dtype: np.dtype[Any], count: int, name: str) -> np.ndarray:
+    field = TYPED_FIELD.get(datatype)
+    if field is None:
+        raise InvalidArgument(
+            f"input '{name}': datatype {datatype} has no typed contents; send it in raw_input_contents"
+        )
+    contents = tensor.contents
+    for other in _CONTENT_FIELDS:
+        if other != field and len(getattr(contents, other)):
+            raise InvalidArgument(
+                f"input '{name}' of datatype {datatype} carries {other}; expected {field}"
+            )
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{name}': contents.{field} holds {len(values)} values; shape needs {count}"
+        )
+    if datatype == "BYTES":
+        out = np.empty(count, dtype=object)
+        out[:] = list(values)
+        return out
+    try:
+        return np.array(values, dtype=dtype)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidArgument(f"input '{name}': a value does not fit {datatype}: {exc}") from exc
+
+
+def _encode_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.ravel():
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def encode_result(result: InferResult) -> Any:
+    """Build the ModelInferResponse for one caller: its outputs, in the order it asked."""
+    response = pb.ModelInferResponse(
+        model_name=result.model, model_version=result.version, id=result.id
+    )
+    add = response.outputs.add
+    if result.raw_output:
+        raw = response.raw_output_contents
+        for name, array in result.outputs.items():
+            datatype = NUMPY_TO_V2.get(array.dtype, "BYTES")
+            add(name=name, datatype=datatype, shape=array.shape)
+            raw.append(_encode_bytes(array) if datatype == "BYTES" else array.tobytes())
+    else:
+        for name, array in result.outputs.items():
+            datatype = NUMPY_TO_V2.get(array.dtype, "BYTES")
+            tensor = add(name=name, datatype=datatype, shape=array.shape)
+            field = TYPED_FIELD[datatype]
+            flat = array.ravel()
+            if datatype == "BYTES":
+                getattr(tensor.contents, field).extend(
+                    v if isinstance(v, bytes) else str(v).encode() for v in flat
+                )
+            else:
+                getattr(tensor.contents, field).extend(flat.tolist())
+    for key, value in result.parameters.items():
+        param = response.parameters[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = str(value)
+    return response

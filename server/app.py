@@ -1,0 +1,154 @@
+"""The composition root: builds every concrete part and owns start and stop order.
+
+Start: registry -> models (loaded, warmed up) -> pipeline -> gRPC server -> metrics endpoint ->
+ready. Stop (SIGTERM/SIGINT): not ready (ServerReady false, health NOT_SERVING, new inference
+calls UNAVAILABLE) -> accepted requests finish within the grace period -> gRPC server stops ->
+models unload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from registry_client import FileRegistry, Registry
+from server.api.server import Health, build_server
+from server.api.servicer import InferenceServicer
+from server.clock import Clock, MonotonicClock
+from server.config import Settings
+from server.errors import ConfigError
+from server.models import ModelManager
+from server.observability.metrics import Metrics
+from server.pipeline import InferencePipeline
+
+log = logging.getLogger(__name__)
+
+
+def write_ready_file(path: str, payload: dict[str, Any]) -> None:
+    """Atomically publish the bound ports (tests and tools start servers on port 0)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".ready-")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh)
+    os.replace(tmp, target)
+
+
+class App:
+    """One server process: its models, batchers, gRPC server and metrics endpoint."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        if not settings.models:
+            raise ConfigError("no models to serve: pass --model NAME@ALIAS or add [models.NAME]")
+        if registry is None and not settings.server.registry:
+            raise ConfigError("server.registry: no model registry configured (--registry DIR)")
+        self.settings = settings
+        self.clock = clock or MonotonicClock()
+        self.registry: Registry = registry or FileRegistry(Path(settings.server.registry))
+        self.metrics = Metrics()
+        self.models = ModelManager(self.registry, self.clock, self.metrics)
+        self.pipeline = InferencePipeline(self.models, self.clock)
+        self.health = Health()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._ready = False
+        self._server: Any = None
+        self._http: Any = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        server_settings = self.settings.server
+        for model in self.settings.models:
+            await self.models.load(model)
+        servicer = InferenceServicer(
+            self.pipeline,
+            self.clock,
+            max_tensor_elements=server_settings.max_tensor_elements,
+            is_ready=lambda: self._ready,
+        )
+        self._server, self.grpc_port = build_server(
+            servicer,
+            self.health,
+            host=server_settings.host,
+            port=server_settings.grpc_port,
+            max_message_bytes=server_settings.max_message_bytes,
+            reuse_port=server_settings.workers > 1,
+        )
+        await self._server.start()
+        if server_settings.metrics_port >= 0:
+            self._http, _thread = start_http_server(
+                server_settings.metrics_port,
+                addr=server_settings.host,
+                registry=self.metrics.registry,
+            )
+            self.metrics_port = self._http.server_port
+        self._ready = True
+        await self.health.set_serving(True)
+        log.info(
+            "serving %s on %s:%d (gRPC), metrics on port %d",
+            ", ".join(f"{m.key.name}:{m.key.version}" for m in self.models.all()),
+            server_settings.host,
+            self.grpc_port,
+            self.metrics_port,
+        )
+        if server_settings.ready_file:
+            write_ready_file(
+                server_settings.ready_file,
+                {"grpc_port": self.grpc_port, "metrics_port": self.metrics_port, "pid": os.getpid()},
+            )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; safe to call more than once."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.server.grace_period_s if grace is None else grace
+        self._ready = False
+        self.pipeline.stop_accepting()
+        await self.health.set_serving(False)
+        try:
+            await asyncio.wait_for(self.pipeline.drain(), timeout=grace)
+        except TimeoutError:
+            log.warning(
+                "grace period of %.1fs ended with %d requests unanswered",
+                grace,
+                self.pipeline.in_flight,
+            )
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+        self.models.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def run_until_signal(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("signal received: draining (grace %.1fs)", self.settings.server.grace_period_s)
+        await self.stop()

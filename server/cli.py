@@ -1,0 +1,187 @@
+"""argv -> Settings -> App. `batchline serve | demo | health | models build-demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from server.config import Settings, load_settings
+from server.errors import ConfigError, ServingError
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def _configure_logging(level: str) -> None:
+    from server.observability.logging import configure
+
+    configure(level)
+
+
+def _serve_one(settings: Settings) -> None:
+    from server.app import App
+
+    _configure_logging(settings.server.log_level)
+    _run(App(settings).run_until_signal())
+
+
+def _worker(settings: Settings, index: int) -> None:
+    # Each worker: its own process, batchers and metrics port (base + index).
+    server = settings.server
+    metrics_port = server.metrics_port + index if server.metrics_port > 0 else server.metrics_port
+    ready_file = f"{server.ready_file}.{index}" if server.ready_file else ""
+    _serve_one(
+        replace(settings, server=replace(server, workers=server.workers, metrics_port=metrics_port, ready_file=ready_file))
+    )
+
+
+def _serve_workers(settings: Settings) -> int:
+    """N processes on one port (SO_REUSEPORT); the parent forwards SIGTERM/SIGINT and waits."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(settings, i), name=f"batchline-{i}") for i in range(settings.server.workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    return max((proc.exitcode or 0) for proc in procs)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        args.config,
+        env=os.environ,
+        server_overrides={
+            "registry": args.registry,
+            "host": args.host,
+            "grpc_port": args.grpc_port,
+            "metrics_port": args.metrics_port,
+            "workers": args.workers,
+            "ready_file": args.ready_file,
+            "grace_period_s": args.grace_period,
+            "log_level": args.log_level,
+        },
+        model_refs=tuple(args.model or ()),
+        model_overrides={
+            "max_batch_size": args.max_batch_size,
+            "max_queue_delay_us": args.max_queue_delay_us,
+            "dynamic_batching": False if args.no_batching else None,
+            "execution": args.execution,
+            "instances": args.instances,
+        },
+    )
+    if settings.server.workers > 1:
+        return _serve_workers(settings)
+    _serve_one(settings)
+    return 0
+
+
+def cmd_build_demo(args: argparse.Namespace) -> int:
+    from registry_client.demo import build_demo
+
+    built = build_demo(Path(args.registry), quick=args.quick, force=args.force)
+    for name, versions in built.items():
+        for mv in versions:
+            metrics = ", ".join(f"{k}={v:.4f}" for k, v in mv.metrics.items())
+            print(f"{name} version {mv.version}  sha256 {mv.sha256[:12]}  {metrics}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.demo import run_demo
+
+    _configure_logging("warning")
+    return run_demo(Path(args.registry), requests=args.requests, concurrency=args.concurrency)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve models over gRPC (Open Inference Protocol)")
+    serve.add_argument("--config", help="batchline.toml")
+    serve.add_argument("--registry", help="file registry folder")
+    serve.add_argument("--model", action="append", metavar="NAME@ALIAS", help="a model to serve (repeatable)")
+    serve.add_argument("--host")
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--metrics-port", type=int, help="0: any free port; -1: none")
+    serve.add_argument("--workers", type=int, help="processes sharing the gRPC port (SO_REUSEPORT)")
+    serve.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
+    serve.add_argument("--grace-period", type=float, help="seconds to drain on SIGTERM")
+    serve.add_argument("--log-level")
+    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--max-queue-delay-us", type=int)
+    serve.add_argument("--no-batching", action="store_true", help="run every request alone")
+    serve.add_argument("--execution", choices=("auto", "inline", "executor"))
+    serve.add_argument("--instances", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="model utilities")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    demo_models = models_sub.add_parser("build-demo", help="train the demo models into a file registry")
+    demo_models.add_argument("--registry", required=True)
+    demo_models.add_argument("--quick", action="store_true", help="smaller training (tests)")
+    demo_models.add_argument("--force", action="store_true", help="rebuild even if present")
+    demo_models.set_defaults(func=cmd_build_demo)
+
+    demo = sub.add_parser("demo", help="build, serve and exercise the demo models in one go")
+    demo.add_argument("--registry", default="demo-registry")
+    demo.add_argument("--requests", type=int, default=2000)
+    demo.add_argument("--concurrency", type=int, default=32)
+    demo.set_defaults(func=cmd_demo)
+
+    health = sub.add_parser("health", help="gRPC health check (exit 0 when SERVING)")
+    health.add_argument("--address", default="127.0.0.1:8001")
+    health.add_argument("--service", default="")
+    health.add_argument("--timeout", type=float, default=2.0)
+    health.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, ServingError) as exc:
+        print(f"batchline: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""Typed settings: batchline.toml, then BATCHLINE_* environment variables, then flags.
+
+Every setting has one home here. An unknown key or a bad value stops start-up with a ConfigError
+that names the key, e.g. `models.churn.max_batch_size: expected an integer >= 1, got 0`.
+
+    [server]
+    host = "0.0.0.0"
+    grpc_port = 8001
+    metrics_port = 8002          # 0: any free port; -1: no metrics endpoint
+    registry = "demo-registry"   # a file registry folder
+    workers = 1
+    grace_period_s = 10.0
+    max_message_bytes = 67108864
+    max_tensor_elements = 4194304
+
+    [model_defaults]             # applied to every model, overridden per model
+    max_batch_size = 64
+
+    [models.churn]
+    ref = "churn@production"
+    max_queue_delay_us = 500
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from server.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How one served model is loaded, batched and run."""
+
+    name: str
+    ref: str
+    # Dynamic batching (Triton's names where they exist).
+    dynamic_batching: bool = True
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    # Rows allowed to wait; 0 means unbounded (only when asked for).
+    max_queue_size: int = 2048
+    # Batches that may run at once in the executor (ONNX Runtime releases the GIL).
+    instances: int = 1
+    # "auto" (inline when a batch-1 run is cheaper than a thread hop), "inline" or "executor".
+    execution: str = "auto"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    registry: str = ""
+    workers: int = 1
+    grace_period_s: float = 10.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_tensor_elements: int = 4 * 1024 * 1024
+    ready_file: str = ""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    models: tuple[ModelSettings, ...] = ()
+
+
+_MODEL_KEYS = {f.name: f for f in fields(ModelSettings) if f.name != "name"}
+_SERVER_KEYS = {f.name: f for f in fields(ServerSettings)}
+_ENV = {
+    "BATCHLINE_HOST": "host",
+    "BATCHLINE_GRPC_PORT": "grpc_port",
+    "BATCHLINE_METRICS_PORT": "metrics_port",
+    "BATCHLINE_REGISTRY": "registry",
+    "BATCHLINE_WORKERS": "workers",
+    "BATCHLINE_GRACE_PERIOD_S": "grace_period_s",
+    "BATCHLINE_LOG_LEVEL": "log_level",
+}
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    """Check and convert one value to the declared type of its field."""
+    if kind in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        return float(value)
+    if kind in ("bool", bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind in ("str", str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if kind == "tuple[int, ...]":
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
+        return tuple(value)
+    if kind == "tuple[str, ...]":
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{key}: unsupported setting type {kind}")  # pragma: no cover
+
+
+def _check_model(key: str, m: ModelSettings) -> None:
+    def at_least(name: str, value: int, low: int) -> None:
+        if value < low:
+            raise ConfigError(f"{key}.{name}: expected an integer >= {low}, got {value}")
+
+    at_least("max_batch_size", m.max_batch_size, 1)
+    at_least("max_queue_delay_us", m.max_queue_delay_us, 0)
+    at_least("max_queue_size", m.max_queue_size, 0)
+    at_least("instances", m.instances, 1)
+    at_least("intra_op_threads", m.intra_op_threads, 0)
+    at_least("inter_op_threads", m.inter_op_threads, 0)
+    if m.execution not in ("auto", "inline", "executor"):
+        raise ConfigError(f"{key}.execution: expected auto, inline or executor, got {m.execution!r}")
+    for size in m.preferred_batch_sizes:
+        if not 1 <= size <= m.max_batch_size:
+            raise ConfigError(
+                f"{key}.preferred_batch_sizes: {size} is outside 1..max_batch_size ({m.max_batch_size})"
+            )
+    if "@" not in m.ref or not m.ref.split("@", 1)[0]:
+        raise ConfigError(f"{key}.ref: expected NAME@ALIAS or NAME@VERSION, got {m.ref!r}")
+
+
+def _check_server(s: ServerSettings) -> None:
+    for name in ("grpc_port", "metrics_port"):
+        value = getattr(s, name)
+        low = -1 if name == "metrics_port" else 0
+        if not low <= value <= 65535:
+            raise ConfigError(f"server.{name}: expected a port {low}..65535, got {value}")
+    if s.workers < 1:
+        raise ConfigError(f"server.workers: expected an integer >= 1, got {s.workers}")
+    if s.workers > 1 and s.grpc_port == 0:
+        raise ConfigError("server.workers: several workers share one port; set server.grpc_port (not 0)")
+    if s.grace_period_s < 0:
+        raise ConfigError(f"server.grace_period_s: expected >= 0, got {s.grace_period_s}")
+    if s.max_message_bytes < 1024:
+        raise ConfigError(f"server.max_message_bytes: expected >= 1024, got {s.max_message_bytes}")
+    if s.max_tensor_elements < 1:
+        raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"server.log_level: expected debug, info, warning or error, got {s.log_level!r}")
+
+
+def _apply(prefix: str, known: Mapping[str, Any], table: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in table.items():
+        spec = known.get(key)
+        if spec is None:
+            raise ConfigError(f"unknown key {prefix}.{key} (known: {', '.join(sorted(known))})")
+        out[key] = _coerce(f"{prefix}.{key}", spec.type, value)
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
+    model_refs: tuple[str, ...] = (),
+    model_overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from a TOML file, the environment and flags (later wins).
+
+    `model_refs` (from `--model NAME@ALIAS`) add models or replace their ref; `model_overrides`
+    apply to every model (flags such as --max-batch-size).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"server", "model_defaults", "models"}
+    if unknown:
+        raise ConfigError(f"unknown key {sorted(unknown)[0]} (known: model_defaults, models, server)")
+
+    server_values = _apply("server", _SERVER_KEYS, data.get("server", {}))
+    for var, key in _ENV.items():
+        if env is not None and var in env:
+            server_values[key] = _coerce(var, _SERVER_KEYS[key].type, env[var])
+    for key, value in (server_overrides or {}).items():
+        if value is not None:
+            server_values[key] = _coerce(f"--{key.replace('_', '-')}", _SERVER_KEYS[key].type, value)
+    server = ServerSettings(**server_values)
+    _check_server(server)
+
+    defaults = _apply("model_defaults", _MODEL_KEYS, data.get("model_defaults", {}))
+    tables: dict[str, dict[str, Any]] = {}
+    for name, table in data.get("models", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"models.{name}: expected a table")
+        tables[name] = _apply(f"models.{name}", _MODEL_KEYS, table)
+    for ref in model_refs:
+        name = ref.split("@", 1)[0]
+        if "@" not in ref or not name:
+            raise ConfigError(f"--model: expected NAME@ALIAS or NAME@VERSION, got {ref!r}")
+        tables.setdefault(name, {})["ref"] = ref
+    models = []
+    for name, values in tables.items():
+        merged = {**defaults, **values}
+        merged.setdefault("ref", f"{name}@production")
+        for key, value in (model_overrides or {}).items():
+            if value is not None:
+                merged[key] = _coerce(f"--{key.replace('_', '-')}", _MODEL_KEYS[key].type, value)
+        model = ModelSettings(name=name, **merged)
+        _check_model(f"models.{name}", model)
+        models.append(model)
+    return Settings(server=server, models=tuple(models))
+
+
+def environ() -> Mapping[str, str]:
+    return os.environ
+
+
+__all__ = ["ModelSettings", "ServerSettings", "Settings", "load_settings", "replace"]

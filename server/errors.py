@@ -1,0 +1,65 @@
+"""Domain error kinds. Only server/api maps a kind to a gRPC status code."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+    UNAUTHENTICATED = "unauthenticated"
+    FAILED_PRECONDITION = "failed_precondition"
+    INTERNAL = "internal"
+
+
+class ServingError(Exception):
+    """An error a caller is told about: a kind (mapped to a status at the edge) and a message."""
+
+    kind: ErrorKind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServingError):
+    kind = ErrorKind.INVALID_ARGUMENT
+
+
+class NotFound(ServingError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class ResourceExhausted(ServingError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServingError):
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
+class Unavailable(ServingError):
+    kind = ErrorKind.UNAVAILABLE
+
+
+class Cancelled(ServingError):
+    kind = ErrorKind.CANCELLED
+
+
+class FailedPrecondition(ServingError):
+    kind = ErrorKind.FAILED_PRECONDITION
+
+
+class ModelError(ServingError):
+    """The model itself failed while running a batch (counted; fails only that batch)."""
+
+    kind = ErrorKind.INTERNAL
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the key."""

@@ -1,0 +1,101 @@
+"""Domain values shared across the serving path (no transport, no runtime types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# V2 datatype name <-> numpy dtype. BYTES is carried as an object array of bytes.
+V2_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+NUMPY_TO_V2: dict[np.dtype[np.generic], str] = {v: k for k, v in V2_TO_NUMPY.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output: V2 datatype and shape, -1 for a variable dimension.
+
+    For batchable models the first dimension is the batch dimension and is always -1.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype[np.generic]:
+        return V2_TO_NUMPY[self.datatype]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def output(self, name: str) -> TensorSpec | None:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKey:
+    """One served model version."""
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A validated request: every input present, typed and shaped per the signature.
+
+    `inputs` are numpy arrays whose first dimension is `rows`. `outputs` names the outputs the
+    caller asked for, in the order it asked (None: all of the model's outputs).
+    """
+
+    model: str
+    version: str | None
+    id: str
+    inputs: dict[str, np.ndarray]
+    rows: int
+    outputs: tuple[str, ...] | None = None
+    raw_output: bool = True
+    deadline: float | None = None
+    parameters: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferResult:
+    """The answer to one InferRequest: the outputs it asked for, in order."""
+
+    model: str
+    version: str
+    id: str
+    outputs: dict[str, np.ndarray]
+    raw_output: bool = True
+    parameters: dict[str, object] = field(default_factory=dict)
