@@ -1,0 +1,95 @@
+"""Registry errors. Each message names the model, alias, version or path it is about."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RegistryError(Exception):
+    """Base of every error the registry client raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take their own arguments rather than a message, so the default
+        # (cls, (message,)) would fail to unpickle across a process boundary.
+        return (type(self), self._reduce_args())
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return self.args
+
+
+class ModelNotFound(RegistryError, LookupError):
+    """No model of that name is registered."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model {name!r} is not registered")
+        self.name = name
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.name,)
+
+
+class VersionNotFound(RegistryError, LookupError):
+    """The model exists but has no such version."""
+
+    def __init__(self, name: str, version: str, known: tuple[str, ...] = ()) -> None:
+        have = f" (registered: {', '.join(known)})" if known else " (no versions registered)"
+        super().__init__(f"model {name!r} has no version {version!r}{have}")
+        self.name = name
+        self.version = version
+        self.known = known
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.name, self.version, self.known)
+
+
+class AliasNotFound(RegistryError, LookupError):
+    """The model exists but no such alias was ever set on it."""
+
+    def __init__(self, name: str, alias: str, known: tuple[str, ...] = ()) -> None:
+        have = f" (aliases: {', '.join(known)})" if known else " (no aliases set)"
+        super().__init__(f"model {name!r} has no alias {alias!r}{have}")
+        self.name = name
+        self.alias = alias
+        self.known = known
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.name, self.alias, self.known)
+
+
+class ChecksumMismatch(RegistryError):
+    """An artifact's bytes do not hash to the sha256 recorded when it was registered."""
+
+    def __init__(self, path: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"artifact {path} is corrupt or was replaced: sha256 expected {expected}, actual {actual}"
+        )
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.path, self.expected, self.actual)
+
+
+class InvalidName(RegistryError, ValueError):
+    """A model name, alias or version string is not allowed (it could escape the root, say)."""
+
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"invalid name {value!r}: {reason}")
+        self.value = value
+        self.reason = reason
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.value, self.reason)
+
+
+class InvalidReference(RegistryError, ValueError):
+    """A model reference (`name`, `name@alias`, `name@3`) does not parse."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        super().__init__(f"invalid model reference {ref!r}: {reason}")
+        self.ref = ref
+        self.reason = reason
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.ref, self.reason)

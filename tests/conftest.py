@@ -1,0 +1,23 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a FileRegistry holding the demo models, built once per session (quick training).
+
+    ``churn`` v1 (production) and v2 (candidate), ``churn_mlp`` v1 (production); each version
+    carries reference.npz and holdout.npz (see ``registry_client.demo``). Read-only: tests that
+    write to a registry make their own.
+    """
+    # The "train" extra is part of the dev install: a missing scikit-learn is an error, not a skip.
+    from registry_client.demo import build_demo
+
+    root = tmp_path_factory.mktemp("demo-registry")
+    build_demo(root, quick=True)
+    return root
