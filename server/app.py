@@ -112,7 +112,11 @@ class App:
         if server_settings.ready_file:
             write_ready_file(
                 server_settings.ready_file,
-                {"grpc_port": self.grpc_port, "metrics_port": self.metrics_port, "pid": os.getpid()},
+                {
+                    "grpc_port": self.grpc_port,
+                    "metrics_port": self.metrics_port,
+                    "pid": os.getpid(),
+                },
             )
 
     async def stop(self, grace: float | None = None) -> None:

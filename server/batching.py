@@ -100,7 +100,11 @@ def decide(
     target = max(policy.preferred_batch_sizes, default=policy.max_batch_size)
     if queued_rows >= target or queued_rows >= policy.max_batch_size:
         return CUT
-    if policy.preferred_batch_sizes and queued_rows in policy.preferred_batch_sizes and in_flight == 0:
+    if (
+        policy.preferred_batch_sizes
+        and queued_rows in policy.preferred_batch_sizes
+        and in_flight == 0
+    ):
         return CUT
     if in_flight == 0 and not busy and not policy.preferred_batch_sizes:
         return CUT
@@ -433,7 +437,10 @@ class DynamicBatcher:
             if not entry.future.done():
                 entry.future.set_exception(exc)
         self._observer.batch_done(
-            sum(e.rows for e in batch), [started - e.enqueued for e in batch], finished - started, False
+            sum(e.rows for e in batch),
+            [started - e.enqueued for e in batch],
+            finished - started,
+            False,
         )
 
     def _check_idle(self) -> None:

@@ -44,14 +44,22 @@ def _worker(settings: Settings, index: int) -> None:
     metrics_port = server.metrics_port + index if server.metrics_port > 0 else server.metrics_port
     ready_file = f"{server.ready_file}.{index}" if server.ready_file else ""
     _serve_one(
-        replace(settings, server=replace(server, workers=server.workers, metrics_port=metrics_port, ready_file=ready_file))
+        replace(
+            settings,
+            server=replace(
+                server, workers=server.workers, metrics_port=metrics_port, ready_file=ready_file
+            ),
+        )
     )
 
 
 def _serve_workers(settings: Settings) -> int:
     """N processes on one port (SO_REUSEPORT); the parent forwards SIGTERM/SIGINT and waits."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(settings, i), name=f"batchline-{i}") for i in range(settings.server.workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(settings, i), name=f"batchline-{i}")
+        for i in range(settings.server.workers)
+    ]
     for proc in procs:
         proc.start()
 
@@ -121,7 +129,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     try:
         with grpc.insecure_channel(args.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as exc:
         print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -137,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve models over gRPC (Open Inference Protocol)")
     serve.add_argument("--config", help="batchline.toml")
     serve.add_argument("--registry", help="file registry folder")
-    serve.add_argument("--model", action="append", metavar="NAME@ALIAS", help="a model to serve (repeatable)")
+    serve.add_argument(
+        "--model", action="append", metavar="NAME@ALIAS", help="a model to serve (repeatable)"
+    )
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--metrics-port", type=int, help="0: any free port; -1: none")
@@ -154,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    demo_models = models_sub.add_parser("build-demo", help="train the demo models into a file registry")
+    demo_models = models_sub.add_parser(
+        "build-demo", help="train the demo models into a file registry"
+    )
     demo_models.add_argument("--registry", required=True)
     demo_models.add_argument("--quick", action="store_true", help="smaller training (tests)")
     demo_models.add_argument("--force", action="store_true", help="rebuild even if present")

@@ -138,7 +138,9 @@ def _check_model(key: str, m: ModelSettings) -> None:
     at_least("intra_op_threads", m.intra_op_threads, 0)
     at_least("inter_op_threads", m.inter_op_threads, 0)
     if m.execution not in ("auto", "inline", "executor"):
-        raise ConfigError(f"{key}.execution: expected auto, inline or executor, got {m.execution!r}")
+        raise ConfigError(
+            f"{key}.execution: expected auto, inline or executor, got {m.execution!r}"
+        )
     for size in m.preferred_batch_sizes:
         if not 1 <= size <= m.max_batch_size:
             raise ConfigError(
@@ -157,7 +159,9 @@ def _check_server(s: ServerSettings) -> None:
     if s.workers < 1:
         raise ConfigError(f"server.workers: expected an integer >= 1, got {s.workers}")
     if s.workers > 1 and s.grpc_port == 0:
-        raise ConfigError("server.workers: several workers share one port; set server.grpc_port (not 0)")
+        raise ConfigError(
+            "server.workers: several workers share one port; set server.grpc_port (not 0)"
+        )
     if s.grace_period_s < 0:
         raise ConfigError(f"server.grace_period_s: expected >= 0, got {s.grace_period_s}")
     if s.max_message_bytes < 1024:
@@ -165,7 +169,9 @@ def _check_server(s: ServerSettings) -> None:
     if s.max_tensor_elements < 1:
         raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"server.log_level: expected debug, info, warning or error, got {s.log_level!r}")
+        raise ConfigError(
+            f"server.log_level: expected debug, info, warning or error, got {s.log_level!r}"
+        )
 
 
 def _apply(prefix: str, known: Mapping[str, Any], table: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,7 +208,9 @@ def load_settings(
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     unknown = set(data) - {"server", "model_defaults", "models"}
     if unknown:
-        raise ConfigError(f"unknown key {sorted(unknown)[0]} (known: model_defaults, models, server)")
+        raise ConfigError(
+            f"unknown key {sorted(unknown)[0]} (known: model_defaults, models, server)"
+        )
 
     server_values = _apply("server", _SERVER_KEYS, data.get("server", {}))
     for var, key in _ENV.items():
@@ -210,7 +218,9 @@ def load_settings(
             server_values[key] = _coerce(var, _SERVER_KEYS[key].type, env[var])
     for key, value in (server_overrides or {}).items():
         if value is not None:
-            server_values[key] = _coerce(f"--{key.replace('_', '-')}", _SERVER_KEYS[key].type, value)
+            server_values[key] = _coerce(
+                f"--{key.replace('_', '-')}", _SERVER_KEYS[key].type, value
+            )
     server = ServerSettings(**server_values)
     _check_server(server)
 

@@ -30,7 +30,9 @@ def _request(model: str, rows: np.ndarray, request_id: str) -> pb.ModelInferRequ
 def _probabilities(response: pb.ModelInferResponse) -> np.ndarray:
     for i, out in enumerate(response.outputs):
         if out.name == "probabilities":
-            return np.frombuffer(response.raw_output_contents[i], dtype=np.float32).reshape(tuple(out.shape))
+            return np.frombuffer(response.raw_output_contents[i], dtype=np.float32).reshape(
+                tuple(out.shape)
+            )
     raise KeyError("probabilities")
 
 
@@ -53,13 +55,20 @@ async def _burst(
 
 async def _demo(registry: Path, requests: int, concurrency: int) -> None:
     settings = load_settings(
-        server_overrides={"registry": str(registry), "grpc_port": 0, "metrics_port": 0, "host": "127.0.0.1"},
+        server_overrides={
+            "registry": str(registry),
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "host": "127.0.0.1",
+        },
         model_refs=tuple(f"{m}@production" for m in MODELS),
     )
     app = App(settings)
     await app.start()
     try:
-        print(f"\nserving on 127.0.0.1:{app.grpc_port} (gRPC), metrics on :{app.metrics_port}/metrics\n")
+        print(
+            f"\nserving on 127.0.0.1:{app.grpc_port} (gRPC), metrics on :{app.metrics_port}/metrics\n"
+        )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             meta = await stub.ServerMetadata(pb.ServerMetadataRequest())
@@ -74,7 +83,9 @@ async def _demo(registry: Path, requests: int, concurrency: int) -> None:
                 for p, actual in zip(probs[:, 1], y[:5], strict=True):
                     print(f"  {p:17.4f}   {int(p >= 0.5):9d}   {int(actual):6d}")
             print(f"\nburst: {requests} requests of one row per model, concurrency {concurrency}")
-            print(f"{'model':<11} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean batch':>11}")
+            print(
+                f"{'model':<11} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean batch':>11}"
+            )
             for model in MODELS:
                 served = app.models.get(model)
                 X, _ = load_reference(registry, model, served.key.version)

@@ -163,10 +163,18 @@ class ModelManager:
             alias = None
         batcher_ref: list[DynamicBatcher] = []
         observer = self._metrics.for_model(
-            mv.name, mv.version, stats, lambda: float(batcher_ref[0].queued_rows) if batcher_ref else 0.0
+            mv.name,
+            mv.version,
+            stats,
+            lambda: float(batcher_ref[0].queued_rows) if batcher_ref else 0.0,
         )
         batcher = DynamicBatcher(
-            str(key), runtime.run, _policy(settings), self._clock, executor=executor, observer=observer
+            str(key),
+            runtime.run,
+            _policy(settings),
+            self._clock,
+            executor=executor,
+            observer=observer,
         )
         batcher_ref.append(batcher)
         self._metrics.model_info.labels(mv.name, mv.version, alias or "", mv.sha256).set(1)

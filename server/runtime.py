@@ -106,7 +106,9 @@ class OnnxModel:
     @property
     def batchable(self) -> bool:
         """Every input and output has a variable first dimension."""
-        return all(t.shape and t.shape[0] == -1 for t in (*self.signature.inputs, *self.signature.outputs))
+        return all(
+            t.shape and t.shape[0] == -1 for t in (*self.signature.inputs, *self.signature.outputs)
+        )
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -121,7 +123,9 @@ class OnnxModel:
         def sample(n: int) -> dict[str, np.ndarray]:
             feeds = {}
             for spec in self.signature.inputs:
-                shape = tuple(n if i == 0 else (d if d > 0 else 1) for i, d in enumerate(spec.shape))
+                shape = tuple(
+                    n if i == 0 else (d if d > 0 else 1) for i, d in enumerate(spec.shape)
+                )
                 if spec.datatype == "BYTES":
                     feeds[spec.name] = np.full(shape, "", dtype=object)
                 else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server._proto import inference_pb2_grpc as pb_grpc
+from server._proto import inference_pb2 as pb
 from server.api.servicer import InferenceServicer
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -27,6 +29,30 @@ class Health:
             await self.servicer.set(name, status)
 
 
+def _serialize(message: Any) -> bytes:
+    # The raw inference path hands back bytes it encoded itself (server/api/wire.py).
+    return message if message.__class__ is bytes else message.SerializeToString()
+
+
+def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """One handler per RPC of the service in proto/inference.proto, bound to `servicer`."""
+    handlers = {}
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.client_streaming or method.server_streaming:
+            raise NotImplementedError(
+                f"{method.name}: only unary and bidirectional RPCs are served"
+            )
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behaviour, request_type.FromString, _serialize)
+    return handlers
+
+
 def build_server(
     servicer: InferenceServicer,
     health_service: Health,
@@ -44,7 +70,9 @@ def build_server(
             ("grpc.max_send_message_length", max_message_bytes),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -14,6 +14,7 @@ from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.api.codec import Limits, decode_request, encode_result
 from server.api.status import STATUS
+from server.api.wire import RawResponseEncoder, stream_reply
 from server.clock import Clock
 from server.errors import InvalidArgument, ServingError
 from server.models import ServedModel
@@ -55,6 +56,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._max_elements = max_tensor_elements
         self._is_ready = is_ready
         self._limits: dict[ServedModel, Limits] = {}
+        self._wire = RawResponseEncoder()
 
     # ---- inference ------------------------------------------------------------------------
 
@@ -67,11 +69,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             limits = self._limits[served] = Limits(served.max_batch_size, self._max_elements)
         deadline = None if remaining is None else self._clock.now() + remaining
         try:
-            decoded = decode_request(request, served.signature, limits, served.key.version, deadline)
+            decoded = decode_request(
+                request, served.signature, limits, served.key.version, deadline
+            )
         except ServingError as exc:
             served.observer.request_done(0.0, exc.kind.name)
             raise
         result = await self._pipeline.infer(served, decoded)
+        if result.raw_output:
+            try:
+                return self._wire.encode(result)
+            except KeyError:
+                pass  # BYTES outputs or parameters: the general encoder below
         return encode_result(result)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -92,7 +101,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def answer(request: Any) -> None:
             try:
                 response = await self._infer(request, None)
-                replies.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                replies.put_nowait(
+                    stream_reply(response)
+                    if response.__class__ is bytes
+                    else pb.ModelStreamInferResponse(infer_response=response)
+                )
             except ServingError as exc:
                 replies.put_nowait(
                     pb.ModelStreamInferResponse(
@@ -150,7 +163,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             name="batchline", version=__version__, extensions=list(EXTENSIONS)
         )
 
-    async def _served(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ServedModel:
+    async def _served(
+        self, name: str, version: str, context: grpc.aio.ServicerContext
+    ) -> ServedModel:
         try:
             if not name:
                 raise InvalidArgument("name is required")
@@ -162,17 +177,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         served = await self._served(request.name, request.version, context)
         sig = served.signature
-        versions = [m.key.version for m in self._pipeline.models.all() if m.key.name == served.key.name]
+        versions = [
+            m.key.version for m in self._pipeline.models.all() if m.key.name == served.key.name
+        ]
         return pb.ModelMetadataResponse(
             name=served.key.name,
             versions=versions,
             platform="onnxruntime_onnx",
             inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=t.datatype, shape=t.shape
+                )
                 for t in sig.inputs
             ],
             outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=t.datatype, shape=t.shape
+                )
                 for t in sig.outputs
             ],
         )
@@ -189,11 +210,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             max_batch_size=s.max_batch_size,
             # With max_batch_size > 0, Triton's dims leave out the batch dimension.
             input=[
-                pb.ModelInput(name=t.name, data_type=_CONFIG_TYPES.get(t.datatype, 0), dims=t.shape[1:])
+                pb.ModelInput(
+                    name=t.name,
+                    data_type=_CONFIG_TYPES.get(t.datatype, pb.TYPE_INVALID),
+                    dims=t.shape[1:],
+                )
                 for t in sig.inputs
             ],
             output=[
-                pb.ModelOutput(name=t.name, data_type=_CONFIG_TYPES.get(t.datatype, 0), dims=t.shape[1:])
+                pb.ModelOutput(
+                    name=t.name,
+                    data_type=_CONFIG_TYPES.get(t.datatype, pb.TYPE_INVALID),
+                    dims=t.shape[1:],
+                )
                 for t in sig.outputs
             ],
             instance_group=[

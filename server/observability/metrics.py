@@ -1,14 +1,20 @@
 """Prometheus metrics, registered on a CollectorRegistry owned by one server instance.
 
-Label children are bound once per model version, so the request path pays a dictionary-free
-`inc()` / `observe()` and nothing else. Queue depth is read at scrape time, not per request.
+The per-request metrics are touched only from the event loop thread, so they are kept in
+`LoopHistogram` / `LoopCounter`: plain lists and a bisect, no lock, about a quarter of
+prometheus_client's `observe()` cost. The scrape thread reads them (under the GIL a scrape sees
+each value whole; a sum and its count may differ by the observation in flight). Children are
+bound once per model version; queue depth is read at scrape time, not per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from server.observability.stats import ModelStats
 
@@ -20,53 +26,148 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class LoopHistogram(Collector):
+    """A labelled histogram for one thread's hot path (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = list(labelnames)
+        self._bounds = [float(b) for b in buckets] + [float("inf")]
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HistogramChild(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            counts = list(child.counts)
+            cumulative = []
+            total = 0
+            for bound, count in zip(self._bounds, counts, strict=True):
+                total += count
+                cumulative.append((_bound(bound), total))
+            family.add_metric(list(values), cumulative, child.sum)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    """A labelled counter for one thread's hot path (see the module docstring)."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = list(labelnames)
+        self._children: dict[tuple[str, ...], _CounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _CounterChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _CounterChild()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
 class Metrics:
     """The metric families of one server instance."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "batchline_requests",
             "Inference requests by model, version and outcome (a gRPC status name)",
             ["model", "version", "status"],
             registry=r,
         )
-        self.request_latency = Histogram(
+        self.request_latency = LoopHistogram(
             "batchline_request_duration_seconds",
             "Time from a validated request to its result, in the server",
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_latency = Histogram(
+        self.queue_latency = LoopHistogram(
             "batchline_queue_duration_seconds",
             "Time a request waited in its model's queue before its batch ran",
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.compute_latency = Histogram(
+        self.compute_latency = LoopHistogram(
             "batchline_compute_duration_seconds",
             "Time one batch spent in the model",
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = LoopHistogram(
             "batchline_batch_size_rows",
             "Rows per executed batch",
             ["model", "version"],
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.batches = Counter(
+        self.batches = LoopCounter(
             "batchline_batches",
             "Executed batches by outcome",
             ["model", "version", "outcome"],
             registry=r,
         )
-        self.dropped = Counter(
+        self.dropped = LoopCounter(
             "batchline_dropped_requests",
             "Requests that never reached the model, by reason (queue_full, cancelled, deadline)",
             ["model", "version", "reason"],
@@ -122,14 +223,14 @@ class ModelObserver:
         self._version = version
         self.stats = stats
         self._ok = metrics.requests.labels(model, version, "OK")
-        self._status: dict[str, Counter] = {}
+        self._status: dict[str, _CounterChild] = {}
         self._latency = metrics.request_latency.labels(model, version)
         self._queue = metrics.queue_latency.labels(model, version)
         self._compute = metrics.compute_latency.labels(model, version)
         self._batch_size = metrics.batch_size.labels(model, version)
         self._batch_ok = metrics.batches.labels(model, version, "ok")
         self._batch_fail = metrics.batches.labels(model, version, "error")
-        self._dropped: dict[str, Counter] = {}
+        self._dropped: dict[str, _CounterChild] = {}
 
     def request_done(self, seconds: float, status: str) -> None:
         ok = status == "OK"
@@ -145,7 +246,9 @@ class ModelObserver:
             )
         counter.inc()
 
-    def batch_done(self, rows: int, queue_waits: Sequence[float], compute_s: float, ok: bool) -> None:
+    def batch_done(
+        self, rows: int, queue_waits: Sequence[float], compute_s: float, ok: bool
+    ) -> None:
         self.stats.batch_done(rows, queue_waits, compute_s, ok)
         self._compute.observe(compute_s)
         if ok:

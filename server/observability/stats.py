@@ -43,7 +43,9 @@ class ModelStats:
     def request_done(self, seconds: float, ok: bool) -> None:
         (self.success if ok else self.fail).add(seconds)
 
-    def batch_done(self, rows: int, queue_waits: Sequence[float], compute_s: float, ok: bool) -> None:
+    def batch_done(
+        self, rows: int, queue_waits: Sequence[float], compute_s: float, ok: bool
+    ) -> None:
         self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
         if not ok:
