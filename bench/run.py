@@ -1,0 +1,402 @@
+"""`make bench`: batchline's benchmarks, in one run on one machine, as ratios.
+
+1. raw onnxruntime in-process rows/s at batch 1..256 for each demo model (the physical limit);
+2. an echo V2 server on the same gRPC stack (the RPC ceiling);
+3. batchline with batching off and on, unary and streaming, at several concurrencies:
+   req/s, rows/s, p50/p95/p99, mean batch size, server and client CPU.
+The load comes from loadtest/ (one process per point unless --procs). Results go to
+bench/results/latest.json (+ a timestamped copy) and bench/results/throughput_p99.png, and the
+table in README.md between the bench-table markers is replaced.
+
+The machine is small and noisy: each point is one window after a warm-up; run it twice and
+compare ratios, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MODELS = ("churn", "churn_mlp")
+
+
+# ---- processes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    port: int
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
+def start(cmd: list[str], tag: str) -> Proc:
+    ready = RESULTS / f".ready-{tag}.json"
+    ready.unlink(missing_ok=True)
+    log = open(RESULTS / f".{tag}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    popen = subprocess.Popen(
+        [*cmd, "--ready-file", str(ready)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if popen.poll() is not None or time.monotonic() > deadline:
+            popen.kill()
+            raise RuntimeError(f"{tag} did not start; see {log.name}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    ready.unlink()
+    return Proc(popen, info["grpc_port"], info["pid"])
+
+
+def start_echo() -> Proc:
+    return start([sys.executable, "-m", "bench.echo_server", "--port", "0"], "echo")
+
+
+def start_batchline(registry: Path, batching: bool) -> Proc:
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1", "--log-level", "warning",
+        *(a for m in MODELS for a in ("--model", f"{m}@production")),
+    ]  # fmt: skip
+    if not batching:
+        cmd.append("--no-batching")
+    return start(cmd, f"batchline-{'on' if batching else 'off'}")
+
+
+def model_counts(port: int, model: str) -> tuple[int, int]:
+    """(rows, batches) so far, from ModelStatistics."""
+    import grpc
+
+    from server._proto import inference_pb2 as pb
+    from server._proto import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10
+        )
+    s = stats.model_stats[0]
+    return s.inference_count, s.execution_count
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    server: str  # echo | off | on
+    model: str
+    call: str  # unary | stream
+    concurrency: int
+    rows: int
+    rps: float
+    rows_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    ok: int
+    errors: int
+    mean_batch: float | None
+    server_cpu_s: float
+    client_cpu_s: float
+    window_s: float
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def load(
+    proc: Proc,
+    server: str,
+    model: str,
+    call: str,
+    concurrency: int,
+    seconds: float,
+    procs: int,
+    rows: int = 1,
+) -> Point:
+    from loadtest import Options, run
+
+    method = "ModelStreamInfer" if call == "stream" else "ModelInfer"
+    options = Options(
+        f"127.0.0.1:{proc.port}",
+        call=f"inference.GRPCInferenceService/{method}",
+        model=model,
+        rows=rows,
+        concurrency=concurrency,
+        duration_s=seconds,
+        procs=procs,
+        skip_first=min(200, concurrency * 4),
+        timeout_s=30.0,
+    )
+    counts = model_counts(proc.port, model) if server != "echo" else (0, 0)
+    cpu0 = proc.cpu_seconds()
+    start_t = time.perf_counter()
+    report = run(options)
+    window = time.perf_counter() - start_t
+    cpu = proc.cpu_seconds() - cpu0
+    mean_batch = None
+    if server != "echo":
+        after = model_counts(proc.port, model)
+        mean_batch = (after[0] - counts[0]) / max(1, after[1] - counts[1])
+    pct = {p.percentage: p.latency_ns / 1e6 for p in report.latency_distribution}
+    ok = report.status_codes.get("OK", 0)
+    return Point(
+        server, model, call, concurrency, rows, report.rps, report.rps * rows,
+        pct.get(50, float("nan")), pct.get(95, float("nan")), pct.get(99, float("nan")),
+        ok, report.count - ok, mean_batch, cpu, report.client_cpu_seconds, window,
+        dict(report.status_codes),
+    )  # fmt: skip
+
+
+def raw_onnxruntime(registry: Path) -> list[dict[str, Any]]:
+    import onnxruntime as ort
+
+    from registry_client import FileRegistry
+
+    reg = FileRegistry(registry)
+    out = []
+    for model in MODELS:
+        mv = reg.resolve(f"{model}@production")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(reg.fetch(mv)), so, providers=["CPUExecutionProvider"])
+        for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            x = np.random.default_rng(0).random((batch, 15), dtype=np.float32)
+            for _ in range(5):
+                session.run(None, {"input": x})
+            n = max(20, min(20000, int(20000 / batch)))
+            samples = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(n // 5):
+                    session.run(None, {"input": x})
+                samples.append((time.perf_counter() - t) / (n // 5))
+            per_call = float(np.median(samples))
+            out.append(
+                {
+                    "model": model,
+                    "batch": batch,
+                    "us_per_call": per_call * 1e6,
+                    "rows_per_s": batch / per_call,
+                }
+            )
+    return out
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def find(points: list[Point], **kw: Any) -> Point | None:
+    for p in points:
+        if all(getattr(p, k) == v for k, v in kw.items()):
+            return p
+    return None
+
+
+def targets(points: list[Point]) -> list[dict[str, Any]]:
+    def ratio(a: Point | None, b: Point | None, attr: str) -> float | None:
+        if a is None or b is None or not getattr(b, attr):
+            return None
+        return float(getattr(a, attr) / getattr(b, attr))
+
+    rows = [
+        ("churn c=64 unary: batchline / echo req/s", ratio(find(points, server="on", model="churn", call="unary", concurrency=64), find(points, server="echo", call="unary", concurrency=64), "rps"), ">=", 0.85),
+        ("churn_mlp c=64 unary: batching on / off req/s", ratio(find(points, server="on", model="churn_mlp", call="unary", concurrency=64), find(points, server="off", model="churn_mlp", call="unary", concurrency=64), "rps"), ">=", 3.0),
+        ("churn c=1 unary: p50 on / off", ratio(find(points, server="on", model="churn", call="unary", concurrency=1), find(points, server="off", model="churn", call="unary", concurrency=1), "p50_ms"), "<=", 1.1),
+        ("churn_mlp c=1 unary: p50 on / off", ratio(find(points, server="on", model="churn_mlp", call="unary", concurrency=1), find(points, server="off", model="churn_mlp", call="unary", concurrency=1), "p50_ms"), "<=", 1.1),
+        ("churn c=64: streaming / unary req/s", ratio(find(points, server="on", model="churn", call="stream", concurrency=64), find(points, server="on", model="churn", call="unary", concurrency=64), "rps"), ">=", 1.3),
+    ]  # fmt: skip
+    out = []
+    for name, value, op, goal in rows:
+        met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+        out.append({"target": name, "measured": value, "goal": f"{op} {goal}", "met": met})
+    return out
+
+
+def table(points: list[Point]) -> str:
+    lines = [
+        "| server | model | call | c | req/s | rows/s | p50 ms | p95 ms | p99 ms | mean batch | server CPU s | client CPU s | errors |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        batch = "" if p.mean_batch is None else f"{p.mean_batch:.1f}"
+        lines.append(
+            f"| {p.server} | {p.model} | {p.call} | {p.concurrency} | {p.rps:,.0f} | {p.rows_per_s:,.0f} | "
+            f"{p.p50_ms:.2f} | {p.p95_ms:.2f} | {p.p99_ms:.2f} | {batch} | {p.server_cpu_s:.1f} | {p.client_cpu_s:.1f} | {p.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, model in zip(axes, MODELS, strict=True):
+        for server in ("off", "on"):
+            for call, style in (("unary", "-o"), ("stream", "--s")):
+                series = sorted(
+                    (
+                        p
+                        for p in points
+                        if p.server == server and p.model == model and p.call == call
+                    ),
+                    key=lambda p: p.concurrency,
+                )
+                if series:
+                    ax.plot(
+                        [p.rps for p in series],
+                        [p.p99_ms for p in series],
+                        style,
+                        label=f"batching {server}, {call}",
+                    )
+        for p in points:
+            if p.server == "echo":
+                ax.axvline(p.rps, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{model}: throughput vs p99 (c = 1..128; dotted: echo ceiling)")
+        ax.set_xlabel("requests / s")
+        ax.set_ylabel("p99 latency (ms)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def update_readme(markdown: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = re.sub(
+        r"<!-- bench-table -->.*<!-- /bench-table -->",
+        lambda _m: f"<!-- bench-table -->\n{markdown}\n<!-- /bench-table -->",
+        text,
+        flags=re.S,
+    )
+    readme.write_text(new)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--registry", default=str(ROOT / "demo-registry"))
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured window per point")
+    parser.add_argument("--concurrency", default="1,8,32,64,128")
+    parser.add_argument("--procs", type=int, default=1, help="load generator processes per point")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    registry = Path(args.registry)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from registry_client import FileRegistry
+
+    if not registry.exists() or not set(MODELS) <= set(FileRegistry(registry).list_models()):
+        from registry_client.demo import build_demo
+
+        print(f"building demo models into {registry} ...", flush=True)
+        build_demo(registry)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print("raw onnxruntime ...", flush=True)
+    raw = raw_onnxruntime(registry)
+    points: list[Point] = []
+    echo = start_echo()
+    try:
+        for call in ("unary", "stream"):
+            for c in (1, 64):
+                points.append(load(echo, "echo", "echo", call, c, args.seconds, args.procs))
+                print(f"echo {call} c={c}: {points[-1].rps:,.0f} req/s", flush=True)
+    finally:
+        echo.stop()
+    for batching in (False, True):
+        name = "on" if batching else "off"
+        server = start_batchline(registry, batching)
+        try:
+            for model in MODELS:
+                for call in ("unary", "stream"):
+                    for c in levels:
+                        p = load(server, name, model, call, c, args.seconds, args.procs)
+                        points.append(p)
+                        print(
+                            f"batching {name} {model} {call} c={c}: {p.rps:,.0f} req/s p99 {p.p99_ms:.2f} ms batch {p.mean_batch:.1f}",
+                            flush=True,
+                        )
+        finally:
+            code = server.stop()
+            if code != 0:
+                print(f"batchline exited with {code}", file=sys.stderr)
+    goals = targets(points)
+    machine = {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load generator": f"loadtest (python, {args.procs} process(es)) on the same cores",
+        "window_s": args.seconds,
+    }
+    result = {
+        "machine": machine,
+        "raw_onnxruntime": raw,
+        "points": [asdict(p) for p in points],
+        "targets": goals,
+    }
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for name in ("latest.json", f"{stamp}.json"):
+        (RESULTS / name).write_text(json.dumps(result, indent=2))
+    plotted = plot(points, RESULTS / "throughput_p99.png")
+    raw_rows = ["| model | batch 1 | 8 | 64 | 256 (rows/s) |", "|---|---:|---:|---:|---:|"]
+    for model in MODELS:
+        per = {r["batch"]: r["rows_per_s"] for r in raw if r["model"] == model}
+        raw_rows.append(
+            f"| {model} | {per[1]:,.0f} | {per[8]:,.0f} | {per[64]:,.0f} | {per[256]:,.0f} |"
+        )
+    goal_rows = ["| target | measured | goal | met |", "|---|---:|---|---|"]
+    for g in goals:
+        value = "n/a" if g["measured"] is None else f"{g['measured']:.2f}"
+        goal_rows.append(
+            f"| {g['target']} | {value} | {g['goal']} | {'yes' if g['met'] else 'no'} |"
+        )
+    markdown = "\n\n".join(
+        [
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine['cpus']} cores ({machine['platform']}), "
+            f"Python {machine['python']}; {machine['load generator']}; {args.seconds:.0f} s per point. "
+            "`make bench` reproduces it.",
+            "\n".join(goal_rows),
+            "Raw onnxruntime, in-process, one thread:\n\n" + "\n".join(raw_rows),
+            table(points),
+            "![throughput vs p99](bench/results/throughput_p99.png)" if plotted else "",
+        ]
+    )
+    print("\n" + markdown)
+    if not args.no_readme:
+        update_readme(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
