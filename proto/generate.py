@@ -17,7 +17,8 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTOS = ("inference.proto",)
+# Every .proto in proto/ is generated; the list is derived so adding a file needs no edit here.
+PROTOS = tuple(sorted(p.name for p in (ROOT / "proto").glob("*.proto")))
 OUT = ROOT / "server" / "_proto"
 POOL_IMPORT = "from server._proto._pool import POOL as _POOL\n"
 

@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from registry_client import FileRegistry, Registry
+from server.api.admin import AdminServicer
 from server.api.server import Health, build_server
 from server.api.servicer import InferenceServicer
 from server.clock import Clock, MonotonicClock
@@ -69,6 +70,7 @@ class App:
         self._http: Any = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -83,6 +85,7 @@ class App:
             self.clock,
             max_tensor_elements=server_settings.max_tensor_elements,
             is_ready=lambda: self._ready,
+            admin_token=server_settings.admin_token,
         )
         self._server, self.grpc_port = build_server(
             servicer,
@@ -91,6 +94,7 @@ class App:
             port=server_settings.grpc_port,
             max_message_bytes=server_settings.max_message_bytes,
             reuse_port=server_settings.workers > 1,
+            admin=AdminServicer(self.models, server_settings.admin_token),
         )
         await self._server.start()
         if server_settings.metrics_port >= 0:
@@ -100,6 +104,8 @@ class App:
                 registry=self.metrics.registry,
             )
             self.metrics_port = self._http.server_port
+        if server_settings.poll_interval_s > 0:
+            self._watcher = asyncio.create_task(self.models.watch(server_settings.poll_interval_s))
         self._ready = True
         await self.health.set_serving(True)
         log.info(
@@ -127,10 +133,12 @@ class App:
         self._stopping = True
         grace = self.settings.server.grace_period_s if grace is None else grace
         self._ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
         self.pipeline.stop_accepting()
         await self.health.set_serving(False)
         try:
-            await asyncio.wait_for(self.pipeline.drain(), timeout=grace)
+            await asyncio.wait_for(self._drain(), timeout=grace)
         except TimeoutError:
             log.warning(
                 "grace period of %.1fs ended with %d requests unanswered",
@@ -145,6 +153,10 @@ class App:
             self._http.server_close()
         log.info("stopped")
         self._stopped.set()
+
+    async def _drain(self) -> None:
+        await self.pipeline.drain()
+        await self.models.drain()
 
     async def run_until_signal(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain and stop."""

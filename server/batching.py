@@ -354,8 +354,10 @@ class DynamicBatcher:
                 queue.popleft()
                 continue
             if entry.future.done():
+                # Cancelled, and this flush ran before the caller's task could see it.
                 queue.popleft()
                 self._dequeue(entry)
+                self._observer.dropped("cancelled", 1)
                 continue
             if entry.deadline is not None and entry.deadline <= now:
                 queue.popleft()

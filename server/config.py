@@ -67,6 +67,10 @@ class ServerSettings:
     max_tensor_elements: int = 4 * 1024 * 1024
     ready_file: str = ""
     log_level: str = "info"
+    # Seconds between checks of each served alias in the registry; 0 turns watching off.
+    poll_interval_s: float = 2.0
+    # Bearer token for admin RPCs (AdminService, RepositoryModelLoad); empty: no token needed.
+    admin_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ _ENV = {
     "BATCHLINE_WORKERS": "workers",
     "BATCHLINE_GRACE_PERIOD_S": "grace_period_s",
     "BATCHLINE_LOG_LEVEL": "log_level",
+    "BATCHLINE_POLL_INTERVAL_S": "poll_interval_s",
+    "BATCHLINE_ADMIN_TOKEN": "admin_token",
 }
 
 
@@ -92,7 +98,7 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
     """Check and convert one value to the declared type of its field."""
     if kind in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            if isinstance(value, str) and value.strip().removeprefix("-").isdecimal():
                 return int(value)
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
@@ -168,6 +174,8 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(f"server.max_message_bytes: expected >= 1024, got {s.max_message_bytes}")
     if s.max_tensor_elements < 1:
         raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
+    if s.poll_interval_s < 0:
+        raise ConfigError(f"server.poll_interval_s: expected >= 0, got {s.poll_interval_s}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f"server.log_level: expected debug, info, warning or error, got {s.log_level!r}"

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from registry_client import ModelVersion, Registry
 from registry_client.errors import RegistryError
 from server.batching import BatchPolicy, DynamicBatcher
 from server.clock import Clock
 from server.config import ModelSettings
-from server.errors import FailedPrecondition, NotFound
+from server.errors import FailedPrecondition, NotFound, ServingError
 from server.observability.metrics import Metrics, ModelObserver
 from server.observability.stats import ModelStats
 from server.runtime import OnnxModel, RuntimeOptions
@@ -51,6 +52,62 @@ class ServedModel:
 
 class ModelNotServed(NotFound):
     pass
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    model: str
+    version: str
+    previous_version: str
+    changed: bool
+    message: str
+
+
+@dataclass(eq=False)
+class ModelSlot:
+    """One served model name: its configured ref, the live version and its reload history."""
+
+    settings: ModelSettings
+    current: ServedModel
+    loaded_at_ms: int
+    last_check_ms: int = 0
+    state: str = "READY"
+    last_error: str = ""
+    reloads: int = 0
+    failed_reloads: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def reload_backoff(failures: int, interval_s: float, cap_s: float = 60.0) -> float:
+    """Seconds until the next registry check after `failures` failed checks in a row."""
+    if failures <= 0:
+        return interval_s
+    return float(min(cap_s, interval_s * (2 ** min(failures, 16))))
+
+
+def _compatible(old: ModelSignature, new: ModelSignature) -> str | None:
+    """Why `new` cannot replace `old` without breaking callers, or None."""
+    for spec in old.inputs:
+        other = new.input(spec.name)
+        if other is None:
+            return f"input {spec.name} is gone"
+        if other.datatype != spec.datatype or other.shape != spec.shape:
+            return (
+                f"input {spec.name} changed from {spec.datatype} {list(spec.shape)} "
+                f"to {other.datatype} {list(other.shape)}"
+            )
+    if len(new.inputs) != len(old.inputs):
+        return (
+            f"inputs changed from {[s.name for s in old.inputs]} to {[s.name for s in new.inputs]}"
+        )
+    for spec in old.outputs:
+        other = new.output(spec.name)
+        if other is None:
+            return f"output {spec.name} is gone"
+        if other.datatype != spec.datatype:
+            return f"output {spec.name} changed from {spec.datatype} to {other.datatype}"
+    return None
 
 
 def _policy(settings: ModelSettings) -> BatchPolicy:
@@ -95,6 +152,7 @@ class ModelManager:
         self._runtime_factory = runtime_factory
         self._versions: dict[str, dict[str, ServedModel]] = {}
         self._default: dict[str, ServedModel] = {}
+        self.slots: dict[str, ModelSlot] = {}
 
     def names(self) -> list[str]:
         return list(self._default)
@@ -126,19 +184,121 @@ class ModelManager:
     async def load(self, settings: ModelSettings) -> ServedModel:
         """Resolve, fetch, load and warm up one model; make it its name's default version."""
         loop = asyncio.get_running_loop()
-        served = await loop.run_in_executor(None, self._load_sync, settings)
-        if served.runtime.executor is None and not served.inline:
-            served.runtime.start_executor(served.key.name)
-        self._versions.setdefault(served.key.name, {})[served.key.version] = served
+        mv = await loop.run_in_executor(None, self._resolve, settings.ref)
+        served = await loop.run_in_executor(None, self._load_sync, settings, mv)
+        self._versions[served.key.name] = {served.key.version: served}
         self._default[served.key.name] = served
+        now_ms = time.time_ns() // 1_000_000
+        self.slots[served.key.name] = ModelSlot(
+            settings, served, loaded_at_ms=now_ms, last_check_ms=now_ms
+        )
         return served
 
-    def _load_sync(self, settings: ModelSettings) -> ServedModel:
+    def _resolve(self, ref: str) -> ModelVersion:
         try:
-            mv = self._registry.resolve(settings.ref)
+            return self._registry.resolve(ref)
+        except RegistryError as exc:
+            raise FailedPrecondition(f"cannot resolve {ref}: {exc}") from exc
+
+    async def reload(self, name: str, ref: str | None = None) -> ReloadOutcome:
+        """Swap `name` to the version its ref resolves to now, if that changed.
+
+        The new version is fetched (sha256-checked), loaded, warmed up and checked for a
+        compatible signature before it takes traffic. The swap itself is one synchronous step:
+        requests resolve their model and join its queue without an await in between, so after
+        the swap every request that will ever reach the old version is already queued there;
+        the old version retires once its batcher has drained. On any failure the old version
+        keeps serving and the error is recorded in the slot (and raised).
+        """
+        slot = self.slots.get(name)
+        if slot is None:
+            raise ModelNotServed(self._unknown_model(name))
+        async with slot.lock:
+            settings = slot.settings if ref is None else replace(slot.settings, ref=ref)
+            old = slot.current
+            loop = asyncio.get_running_loop()
+            slot.last_check_ms = time.time_ns() // 1_000_000
+            try:
+                mv = await loop.run_in_executor(None, self._resolve, settings.ref)
+                if mv.version == old.key.version and mv.sha256 == old.version_info.sha256:
+                    slot.settings = settings
+                    return ReloadOutcome(name, old.key.version, old.key.version, False, "unchanged")
+                slot.state = "LOADING"
+                new = await loop.run_in_executor(None, self._load_sync, settings, mv)
+                problem = _compatible(old.signature, new.signature)
+                if problem is not None:
+                    new.batcher.close()
+                    new.runtime.close()
+                    raise FailedPrecondition(
+                        f"{name} version {mv.version} is not compatible with version "
+                        f"{old.key.version} being served: {problem}"
+                    )
+            except ServingError as exc:
+                slot.state = "READY"
+                slot.failed_reloads += 1
+                slot.last_error = exc.message
+                self._metrics.reload_failures.labels(name).inc()
+                log.error(
+                    "reload of %s failed; version %s keeps serving: %s",
+                    name,
+                    old.key.version,
+                    exc.message,
+                )
+                raise
+            # The swap: synchronous, so no request sees a half-swapped model.
+            self._default[name] = new
+            self._versions[name] = {new.key.version: new}
+            slot.current = new
+            slot.settings = settings
+            slot.state = "READY"
+            slot.last_error = ""
+            slot.reloads += 1
+            slot.loaded_at_ms = time.time_ns() // 1_000_000
+            self._metrics.model_info.remove(
+                name, old.key.version, old.alias or "", old.version_info.sha256
+            )
+            self._metrics.reloads.labels(name).inc()
+            log.info(
+                "swapped %s from version %s to %s (%s)",
+                name,
+                old.key.version,
+                new.key.version,
+                settings.ref,
+            )
+            task = asyncio.create_task(self._retire(old))
+            slot.retiring.add(task)
+            task.add_done_callback(slot.retiring.discard)
+            return ReloadOutcome(name, new.key.version, old.key.version, True, "swapped")
+
+    async def _retire(self, old: ServedModel) -> None:
+        await old.batcher.drain()
+        old.batcher.close()
+        await asyncio.get_running_loop().run_in_executor(None, old.runtime.close)
+        log.info("retired %s version %s", old.key.name, old.key.version)
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll every served alias; reload what moved. Registry trouble backs off, never stops."""
+        failures: dict[str, int] = {}
+        next_check: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            due = [n for n in self.slots if next_check.get(n, 0.0) <= now]
+            for name in due:
+                try:
+                    await self.reload(name)
+                    failures[name] = 0
+                except ServingError:
+                    failures[name] = failures.get(name, 0) + 1
+                next_check[name] = loop.time() + reload_backoff(failures.get(name, 0), interval_s)
+            wake = min(next_check.values(), default=loop.time() + interval_s)
+            await asyncio.sleep(max(0.05, wake - loop.time()))
+
+    def _load_sync(self, settings: ModelSettings, mv: ModelVersion) -> ServedModel:
+        try:
             path = self._registry.fetch(mv)
         except RegistryError as exc:
-            raise FailedPrecondition(f"cannot load {settings.ref}: {exc}") from exc
+            raise FailedPrecondition(f"cannot fetch {mv.name} version {mv.version}: {exc}") from exc
         options = RuntimeOptions(
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
@@ -203,6 +363,9 @@ class ModelManager:
 
     async def drain(self) -> None:
         await asyncio.gather(*(m.batcher.drain() for m in self.all()))
+        retiring = [t for slot in self.slots.values() for t in slot.retiring]
+        if retiring:
+            await asyncio.gather(*retiring, return_exceptions=True)
 
     def close(self) -> None:
         for served in self.all():

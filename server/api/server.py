@@ -7,7 +7,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from server._proto import admin_pb2_grpc
 from server._proto import inference_pb2 as pb
+from server.api.admin import AdminServicer
 from server.api.servicer import InferenceServicer
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -61,6 +63,7 @@ def build_server(
     port: int,
     max_message_bytes: int,
     reuse_port: bool,
+    admin: AdminServicer | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Return the server and the port it really bound (port 0 picks a free one)."""
     server = grpc.aio.server(
@@ -74,6 +77,8 @@ def build_server(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
+    if admin is not None:
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")

@@ -12,6 +12,7 @@ import grpc
 from server import __version__
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
+from server.api.admin import require_admin
 from server.api.codec import Limits, decode_request, encode_result
 from server.api.status import STATUS
 from server.api.wire import RawResponseEncoder, stream_reply
@@ -50,7 +51,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         *,
         max_tensor_elements: int,
         is_ready: Callable[[], bool],
+        admin_token: str = "",
     ) -> None:
+        self._admin_token = admin_token
         self._pipeline = pipeline
         self._clock = clock
         self._max_elements = max_tensor_elements
@@ -284,6 +287,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 b.compute_infer.count = per.count
                 b.compute_infer.ns = per.ns
         return response
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's load: re-resolve the model's ref in the registry and swap if it moved."""
+        await require_admin(context, self._admin_token)
+        try:
+            await self._pipeline.models.reload(request.model_name)
+        except ServingError as exc:
+            await context.abort(STATUS[exc.kind], exc.message)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await require_admin(context, self._admin_token)
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"batchline serves the models it was configured with; '{request.model_name}' "
+            "cannot be unloaded at run time (move its alias and reload instead)",
+        )
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.RepositoryIndexResponse(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -182,6 +182,18 @@ class Metrics:
         self.in_flight = Gauge(
             "batchline_requests_in_flight",
             "Inference requests accepted and not yet answered",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "batchline_model_reloads",
+            "Model version swaps completed",
+            ["model"],
+            registry=r,
+        )
+        self.reload_failures = Counter(
+            "batchline_model_reload_failures",
+            "Reloads refused or failed (the old version kept serving)",
+            ["model"],
             registry=r,
         )
         self.model_info = Gauge(

@@ -35,16 +35,20 @@ async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
         models: tuple[str, ...] = ("churn@production", "churn_mlp@production"),
         config: str | None = None,
         grace_period_s: float = 5.0,
+        registry: Path | None = None,
+        server: dict[str, Any] | None = None,
         **model_overrides: Any,
     ) -> App:
         settings = load_settings(
             config,
             server_overrides={
-                "registry": str(demo_registry),
+                "registry": str(registry or demo_registry),
                 "host": "127.0.0.1",
                 "grpc_port": 0,
                 "metrics_port": 0,
                 "grace_period_s": grace_period_s,
+                "poll_interval_s": 0.0,
+                **(server or {}),
             },
             model_refs=models,
             model_overrides=model_overrides,
