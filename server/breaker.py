@@ -61,7 +61,7 @@ class _FieldError(ValueError):
 
 
 def _real(name: str, value: object, expected: str, ok: Callable[[float], bool]) -> float:
-    # bool is an int subclass; `true` in a TOML file is never a meant as a number.
+    # bool is an int subclass; `true` in a TOML file is never meant as a number.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _FieldError(name, f"expected {expected}, got {value!r}")
     number = float(value)
@@ -124,9 +124,7 @@ class BreakerConfig:
         known = {f.name for f in fields(cls)}
         for key in mapping:
             if key not in known:
-                raise ValueError(
-                    f"unknown key {prefix}.{key} (known: {', '.join(sorted(known))})"
-                )
+                raise ValueError(f"unknown key {prefix}.{key} (known: {', '.join(sorted(known))})")
         # Types are checked by __post_init__, which sees every value whatever it is.
         kwargs: dict[str, Any] = dict(mapping)
         try:
@@ -227,7 +225,17 @@ class _TimeWindow:
     record costs O(1) amortised over time.
     """
 
-    __slots__ = ("_calls", "_failures", "_head", "_size", "_slow", "calls", "failures", "minimum", "slow")
+    __slots__ = (
+        "_calls",
+        "_failures",
+        "_head",
+        "_size",
+        "_slow",
+        "calls",
+        "failures",
+        "minimum",
+        "slow",
+    )
 
     def __init__(self, seconds: int, minimum: int) -> None:
         self._size = seconds
@@ -241,9 +249,10 @@ class _TimeWindow:
         self.slow = 0
 
     def expire(self, second: int) -> None:
-        if self._head is None or second <= self._head:
-            if self._head is None:
-                self._head = second
+        if self._head is None:
+            self._head = second
+            return
+        if second <= self._head:
             return
         for elapsed in range(self._head + 1, self._head + 1 + min(second - self._head, self._size)):
             i = elapsed % self._size
@@ -363,7 +372,8 @@ class CircuitBreaker:
             self._probes.discard(permit.serial)
         elif self._state is not BreakerState.CLOSED:
             return  # DISABLED counts nothing (OPEN and FORCED_OPEN issue no permits)
-        outcome = (0 if ok else _FAILED) | (_SLOW if duration_s >= self.config.slow_call_duration_s else 0)
+        slow = duration_s >= self.config.slow_call_duration_s
+        outcome = (0 if ok else _FAILED) | (_SLOW if slow else 0)
         self._window.add(outcome, _second(now))
         self._judge(now)
 
@@ -428,7 +438,10 @@ class CircuitBreaker:
         # Compared as integers scaled by 100 so "exactly at the threshold" is exact.
         if window.failures * 100 >= cfg.failure_rate_threshold * window.calls:
             self._move(BreakerState.OPEN, now, TransitionReason.FAILURE_RATE)
-        elif cfg.slow_calls_checked and window.slow * 100 >= cfg.slow_call_rate_threshold * window.calls:
+        elif (
+            cfg.slow_calls_checked
+            and window.slow * 100 >= cfg.slow_call_rate_threshold * window.calls
+        ):
             self._move(BreakerState.OPEN, now, TransitionReason.SLOW_CALL_RATE)
         elif self._state is BreakerState.HALF_OPEN:
             self._move(BreakerState.CLOSED, now, TransitionReason.PROBES_SUCCEEDED)
