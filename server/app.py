@@ -26,11 +26,22 @@ from server.api.servicer import InferenceServicer
 from server.clock import Clock, MonotonicClock
 from server.config import Settings
 from server.errors import ConfigError
+from server.features.sqlite_store import SqliteFeatureStore
+from server.features.store import FeatureLookup, FeatureStore
 from server.models import ModelManager
-from server.observability.metrics import Metrics
+from server.observability.metrics import FeatureMetrics, Metrics
 from server.pipeline import InferencePipeline
 
 log = logging.getLogger(__name__)
+
+
+def open_feature_store(url: str) -> FeatureStore:
+    """A FeatureStore for `url`: redis://, rediss://, unix:// or sqlite:///path."""
+    if url.startswith("sqlite:///"):
+        return SqliteFeatureStore(url[len("sqlite:///") :])
+    from server.features.redis_store import RedisFeatureStore
+
+    return RedisFeatureStore(url)
 
 
 def write_ready_file(path: str, payload: dict[str, Any]) -> None:
@@ -61,7 +72,22 @@ class App:
         self.registry: Registry = registry or FileRegistry(Path(settings.server.registry))
         self.metrics = Metrics()
         self.models = ModelManager(self.registry, self.clock, self.metrics)
-        self.pipeline = InferencePipeline(self.models, self.clock)
+        self.features: FeatureLookup | None = None
+        feature_metrics: FeatureMetrics | None = None
+        if settings.server.feature_store:
+            store = open_feature_store(settings.server.feature_store)
+            feature_metrics = FeatureMetrics(self.metrics.registry, store.description)
+            self.features = FeatureLookup(
+                store,
+                timeout_s=settings.server.feature_timeout_ms / 1000,
+                max_in_flight=settings.server.feature_max_in_flight,
+                max_delay_s=settings.server.feature_max_delay_us / 1e6,
+                observer=feature_metrics,
+            )
+        self.feature_metrics = feature_metrics
+        self.pipeline = InferencePipeline(
+            self.models, self.clock, features=self.features, feature_observer=feature_metrics
+        )
         self.health = Health()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -148,6 +174,8 @@ class App:
         if self._server is not None:
             await self._server.stop(grace=0.5)
         self.models.close()
+        if self.features is not None:
+            await self.features.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

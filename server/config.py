@@ -71,6 +71,14 @@ class ServerSettings:
     poll_interval_s: float = 2.0
     # Bearer token for admin RPCs (AdminService, RepositoryModelLoad); empty: no token needed.
     admin_token: str = ""
+    # Online feature store for entity-keyed requests: redis://, rediss://, unix:// or
+    # sqlite:///path; empty: requests must carry feature tensors.
+    feature_store: str = ""
+    feature_timeout_ms: float = 20.0
+    # Round trips one store may have in flight; lookups arriving meanwhile share the next one.
+    feature_max_in_flight: int = 1
+    # Under concurrent traffic a round trip waits up to this long for company (eager when idle).
+    feature_max_delay_us: int = 500
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ _ENV = {
     "BATCHLINE_LOG_LEVEL": "log_level",
     "BATCHLINE_POLL_INTERVAL_S": "poll_interval_s",
     "BATCHLINE_ADMIN_TOKEN": "admin_token",
+    "BATCHLINE_FEATURE_STORE": "feature_store",
 }
 
 
@@ -174,6 +183,18 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(f"server.max_message_bytes: expected >= 1024, got {s.max_message_bytes}")
     if s.max_tensor_elements < 1:
         raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
+    if s.feature_timeout_ms <= 0:
+        raise ConfigError(f"server.feature_timeout_ms: expected > 0, got {s.feature_timeout_ms}")
+    if s.feature_max_in_flight < 1:
+        raise ConfigError(
+            f"server.feature_max_in_flight: expected >= 1, got {s.feature_max_in_flight}"
+        )
+    if s.feature_store and not s.feature_store.startswith(
+        ("redis://", "rediss://", "unix://", "sqlite:///")
+    ):
+        raise ConfigError(
+            f"server.feature_store: expected redis://, rediss://, unix:// or sqlite:///path, got {s.feature_store!r}"
+        )
     if s.poll_interval_s < 0:
         raise ConfigError(f"server.poll_interval_s: expected >= 0, got {s.poll_interval_s}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -18,10 +18,11 @@ from server.batching import BatchPolicy, DynamicBatcher
 from server.clock import Clock
 from server.config import ModelSettings
 from server.errors import FailedPrecondition, NotFound, ServingError
+from server.features.view import FeatureView
 from server.observability.metrics import Metrics, ModelObserver
 from server.observability.stats import ModelStats
 from server.runtime import OnnxModel, RuntimeOptions
-from server.types import ModelKey, ModelSignature
+from server.types import ModelKey, ModelSignature, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ class ServedModel:
     stats: ModelStats
     output_index: dict[str, int]
     inline: bool
+    # Entity-keyed serving: the version's feature view, the signature of a request that sends
+    # entity ids instead of features, and the model input the features fill.
+    view: FeatureView | None = None
+    entity_signature: ModelSignature | None = None
+    feature_input: str = ""
 
     @property
     def signature(self) -> ModelSignature:
@@ -348,7 +354,11 @@ class ModelManager:
             timing.batch_max_s * 1e6,
             "inline on the event loop" if inline else f"in {settings.instances} executor thread(s)",
         )
+        view, entity_signature, feature_input = self._feature_view(mv, runtime.signature)
         return ServedModel(
+            view=view,
+            entity_signature=entity_signature,
+            feature_input=feature_input,
             key=key,
             alias=alias,
             settings=settings,
@@ -360,6 +370,32 @@ class ModelManager:
             output_index={o.name: i for i, o in enumerate(runtime.signature.outputs)},
             inline=inline,
         )
+
+    def _feature_view(
+        self, mv: ModelVersion, signature: ModelSignature
+    ) -> tuple[FeatureView | None, ModelSignature | None, str]:
+        """The version's feature view (registry attachment feature_view.json), if it has one."""
+        attachment = getattr(self._registry, "attachment", None)
+        if attachment is None:
+            return None, None, ""
+        try:
+            path = attachment(mv.name, mv.version, "feature_view.json")
+        except RegistryError:
+            return None, None, ""
+        try:
+            view = FeatureView.from_json(path.read_text())
+        except (OSError, ValueError, KeyError) as exc:
+            raise FailedPrecondition(
+                f"{mv.name} version {mv.version}: bad feature_view.json: {exc}"
+            ) from exc
+        (spec,) = signature.inputs if len(signature.inputs) == 1 else (None,)
+        if spec is None or spec.datatype != "FP32" or spec.shape[1:] != (view.width,):
+            raise FailedPrecondition(
+                f"{mv.name} version {mv.version}: feature view {view.name} has {view.width} "
+                f"features; the model needs one FP32 input [-1, {view.width}]"
+            )
+        entity = TensorSpec(view.entity_key, "BYTES", (-1,))
+        return view, ModelSignature(inputs=(entity,), outputs=signature.outputs), spec.name
 
     async def drain(self) -> None:
         await asyncio.gather(*(m.batcher.drain() for m in self.all()))

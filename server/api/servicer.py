@@ -71,10 +71,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if limits is None:
             limits = self._limits[served] = Limits(served.max_batch_size, self._max_elements)
         deadline = None if remaining is None else self._clock.now() + remaining
+        signature = served.signature
+        entity_signature = served.entity_signature
+        if (
+            entity_signature is not None
+            and len(request.inputs) == 1
+            and request.inputs[0].name == entity_signature.inputs[0].name
+        ):
+            signature = entity_signature
         try:
-            decoded = decode_request(
-                request, served.signature, limits, served.key.version, deadline
-            )
+            decoded = decode_request(request, signature, limits, served.key.version, deadline)
         except ServingError as exc:
             served.observer.request_done(0.0, exc.kind.name)
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -279,3 +280,66 @@ class ModelObserver:
                 self._model, self._version, reason
             )
         counter.inc(count)
+
+
+class FeatureMetrics:
+    """Feature-store round trips (the lookup's observer) and per-model feature outcomes."""
+
+    def __init__(self, registry: CollectorRegistry, store: str) -> None:
+        self._store = store
+        self.round_trips = LoopCounter(
+            "batchline_feature_round_trips",
+            "Feature store round trips by outcome",
+            ["store", "outcome"],
+            registry=registry,
+        )
+        self.keys = LoopCounter(
+            "batchline_feature_rows_fetched",
+            "Entity rows asked of the feature store",
+            ["store"],
+            registry=registry,
+        )
+        self.round_trip_latency = LoopHistogram(
+            "batchline_feature_round_trip_seconds",
+            "Time of one feature store round trip",
+            ["store"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.fetch_latency = LoopHistogram(
+            "batchline_feature_fetch_duration_seconds",
+            "Time a request spent getting its features (queueing for a round trip included)",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.defaulted_rows = LoopCounter(
+            "batchline_feature_defaulted_rows",
+            "Rows served with the view's defaults, by reason (missing, store_error)",
+            ["model", "version", "reason"],
+            registry=registry,
+        )
+        self.filled_values = LoopCounter(
+            "batchline_feature_filled_values",
+            "Single feature values that were missing or not a number and got their default",
+            ["model", "version"],
+            registry=registry,
+        )
+        self._ok = self.round_trips.labels(store, "ok")
+        self._error = self.round_trips.labels(store, "error")
+        self._keys = self.keys.labels(store)
+        self._rt = self.round_trip_latency.labels(store)
+
+    def round_trip(self, keys: int, seconds: float, ok: bool) -> None:
+        (self._ok if ok else self._error).inc()
+        self._keys.inc(keys)
+        self._rt.observe(seconds)
+
+    def fetched(self, key: Any, rows: int, seconds: float) -> None:
+        self.fetch_latency.labels(key.name, key.version).observe(seconds)
+
+    def defaulted(self, key: Any, rows: int, reason: str) -> None:
+        self.defaulted_rows.labels(key.name, key.version, reason).inc(rows)
+
+    def filled(self, key: Any, values: int) -> None:
+        self.filled_values.labels(key.name, key.version).inc(values)

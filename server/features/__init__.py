@@ -1,0 +1,1 @@
+"""Online features: one FeatureView per model version drives serving and materialization."""
