@@ -214,6 +214,7 @@ class DynamicBatcher:
         self._instances = 1 if executor is None else policy.instances
         self._scheduled = False
         self._busy = False
+        self._alone = 0  # unbatched runs in progress (policy.enabled = False)
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._idle = asyncio.Event()
@@ -273,6 +274,8 @@ class DynamicBatcher:
     async def _run_alone(self, inputs: Arrays, rows: int) -> Outputs:
         start = self._clock.now()
         ok = False
+        self._alone += 1
+        self._idle.clear()
         try:
             if self._executor is None:
                 result = self._run(inputs)
@@ -282,7 +285,9 @@ class DynamicBatcher:
             ok = True
             return result
         finally:
+            self._alone -= 1
             self._observer.batch_done(rows, (0.0,), self._clock.now() - start, ok)
+            self._check_idle()
 
     # ---- the scheduler's side -----------------------------------------------------------
 
@@ -391,9 +396,8 @@ class DynamicBatcher:
         self._queued_rows -= entry.rows
 
     def _execute_inline(self, batch: list[_Entry], now: float) -> None:
-        inputs = stack([e.inputs for e in batch])
         try:
-            outputs = self._run(inputs)
+            outputs = self._run(stack([e.inputs for e in batch]))
         except Exception as exc:
             self._fail(batch, exc, now)
             return
@@ -401,7 +405,11 @@ class DynamicBatcher:
 
     def _execute_in_executor(self, batch: list[_Entry], now: float) -> None:
         loop = asyncio.get_running_loop()
-        inputs = stack([e.inputs for e in batch])
+        try:
+            inputs = stack([e.inputs for e in batch])
+        except Exception as exc:  # never leave callers hanging on a bug
+            self._fail(batch, exc, now)
+            return
         self._in_flight += 1
         task = loop.run_in_executor(self._executor, self._run, inputs)  # type: ignore[arg-type]
         self._tasks.add(task)
@@ -446,7 +454,7 @@ class DynamicBatcher:
         )
 
     def _check_idle(self) -> None:
-        if self._queued_rows == 0 and self._in_flight == 0:
+        if self._queued_rows == 0 and self._in_flight == 0 and self._alone == 0:
             self._idle.set()
 
     # ---- lifecycle ----------------------------------------------------------------------

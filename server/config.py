@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from server.breaker import BreakerConfig
 from server.errors import ConfigError
 
 
@@ -53,6 +54,20 @@ class ModelSettings:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Requests accepted and not yet answered, per model (Envoy's max_requests); 0: no cap.
+    max_in_flight: int = 4096
+    # An inference taking longer than this counts as a failure for the breaker; 0: none.
+    timeout_ms: float = 0.0
+    # The circuit breaker around this model's inference ([models.NAME.breaker], resilience4j
+    # names: failure_rate_threshold, slow_call_rate_threshold, slow_call_duration_s,
+    # sliding_window_type, sliding_window_size, minimum_number_of_calls,
+    # wait_duration_in_open_s, permitted_calls_in_half_open, max_wait_in_half_open_s).
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # What answers while the breaker is open: "unavailable", "static" (fallback_outputs, per
+    # row) or "previous" (the version served before the last swap, or fallback_ref at start).
+    fallback: str = "unavailable"
+    fallback_outputs: dict[str, Any] = field(default_factory=dict)
+    fallback_ref: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,14 @@ class ServerSettings:
     feature_max_in_flight: int = 1
     # Under concurrent traffic a round trip waits up to this long for company (eager when idle).
     feature_max_delay_us: int = 500
+    # The breaker around feature-store lookups ([server.feature_breaker], same keys as a
+    # model's breaker); while open, lookups answer UNAVAILABLE or the view's defaults.
+    feature_breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # TLS on the gRPC port: certificate and key (PEM files); with tls_ca, clients must present a
+    # certificate signed by it (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,7 +135,9 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if kind in ("float", float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not isinstance(value, int | float):
             try:
                 return float(value)
             except (TypeError, ValueError):
@@ -134,6 +159,17 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         ):
             raise ConfigError(f"{key}: expected a list of integers, got {value!r}")
         return tuple(value)
+    if kind == "BreakerConfig":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table")
+        try:
+            return BreakerConfig.from_mapping(key, value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if kind == "dict[str, Any]":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table")
+        return dict(value)
     if kind == "tuple[str, ...]":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
@@ -152,6 +188,19 @@ def _check_model(key: str, m: ModelSettings) -> None:
     at_least("instances", m.instances, 1)
     at_least("intra_op_threads", m.intra_op_threads, 0)
     at_least("inter_op_threads", m.inter_op_threads, 0)
+    at_least("max_in_flight", m.max_in_flight, 0)
+    if m.timeout_ms < 0:
+        raise ConfigError(f"{key}.timeout_ms: expected >= 0, got {m.timeout_ms}")
+    if m.fallback not in ("unavailable", "static", "previous"):
+        raise ConfigError(
+            f"{key}.fallback: expected unavailable, static or previous, got {m.fallback!r}"
+        )
+    if m.fallback == "static" and not m.fallback_outputs:
+        raise ConfigError(f"{key}.fallback_outputs: fallback = static needs the outputs to answer")
+    if m.fallback_ref and "@" not in m.fallback_ref:
+        raise ConfigError(
+            f"{key}.fallback_ref: expected NAME@ALIAS or NAME@VERSION, got {m.fallback_ref!r}"
+        )
     if m.execution not in ("auto", "inline", "executor"):
         raise ConfigError(
             f"{key}.execution: expected auto, inline or executor, got {m.execution!r}"
@@ -195,6 +244,14 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(
             f"server.feature_store: expected redis://, rediss://, unix:// or sqlite:///path, got {s.feature_store!r}"
         )
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key: set both or neither")
+    if s.tls_ca and not s.tls_cert:
+        raise ConfigError("server.tls_ca: mutual TLS needs server.tls_cert and server.tls_key too")
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        value = getattr(s, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"server.{name}: {value} is not a readable file")
     if s.poll_interval_s < 0:
         raise ConfigError(f"server.poll_interval_s: expected >= 0, got {s.poll_interval_s}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -204,6 +261,8 @@ def _check_server(s: ServerSettings) -> None:
 
 
 def _apply(prefix: str, known: Mapping[str, Any], table: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{prefix}: expected a table, got {table!r}")
     out = {}
     for key, value in table.items():
         spec = known.get(key)
@@ -255,7 +314,10 @@ def load_settings(
 
     defaults = _apply("model_defaults", _MODEL_KEYS, data.get("model_defaults", {}))
     tables: dict[str, dict[str, Any]] = {}
-    for name, table in data.get("models", {}).items():
+    model_tables = data.get("models", {})
+    if not isinstance(model_tables, Mapping):
+        raise ConfigError(f"models: expected a table of [models.NAME] tables, got {model_tables!r}")
+    for name, table in model_tables.items():
         if not isinstance(table, dict):
             raise ConfigError(f"models.{name}: expected a table")
         tables[name] = _apply(f"models.{name}", _MODEL_KEYS, table)

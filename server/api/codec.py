@@ -301,7 +301,11 @@ def encode_result(result: InferResult) -> Any:
         model_name=result.model, model_version=result.version, id=result.id
     )
     add = response.outputs.add
-    if result.raw_output:
+    # Raw output is all or nothing per response; datatypes without a typed field (FP16, BF16)
+    # force it even when the request came typed.
+    if result.raw_output or any(
+        NUMPY_TO_V2.get(a.dtype, "BYTES") not in TYPED_FIELD for a in result.outputs.values()
+    ):
         raw = response.raw_output_contents
         for name, array in result.outputs.items():
             datatype = NUMPY_TO_V2.get(array.dtype, "BYTES")

@@ -28,7 +28,8 @@ class ModelStats:
 
     success / fail: end-to-end requests in the server; queue: time each request waited for its
     batch; compute_infer: per request, the run of the batch it rode in; inference_count: rows;
-    execution_count: batches; batch_stats: per executed batch size.
+    execution_count: successful batches (Triton's meaning; failed ones count in `failed_batches`);
+    batch_stats: per executed batch size.
     """
 
     success: Duration = field(default_factory=Duration)
@@ -37,6 +38,7 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
+    failed_batches: int = 0
     last_inference_ms: int = 0
     batch_stats: dict[int, BatchSizeStats] = field(default_factory=dict)
 
@@ -46,10 +48,11 @@ class ModelStats:
     def batch_done(
         self, rows: int, queue_waits: Sequence[float], compute_s: float, ok: bool
     ) -> None:
-        self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
         if not ok:
+            self.failed_batches += 1
             return
+        self.execution_count += 1
         self.inference_count += rows
         requests = len(queue_waits)
         self.queue.add(sum(queue_waits), requests)
