@@ -23,6 +23,7 @@ from registry_client import FileRegistry, Registry
 from server.api.admin import AdminServicer
 from server.api.server import Health, build_server
 from server.api.servicer import InferenceServicer
+from server.breaker import CircuitBreaker
 from server.clock import Clock, MonotonicClock
 from server.config import Settings
 from server.errors import ConfigError
@@ -85,8 +86,20 @@ class App:
                 observer=feature_metrics,
             )
         self.feature_metrics = feature_metrics
+        feature_breaker = None
+        if self.features is not None:
+            feature_breaker = CircuitBreaker(
+                "feature_store",
+                settings.server.feature_breaker,
+                on_transition=self.metrics.breaker_transition,
+            )
+            self.metrics.breaker_created(feature_breaker.name)
         self.pipeline = InferencePipeline(
-            self.models, self.clock, features=self.features, feature_observer=feature_metrics
+            self.models,
+            self.clock,
+            features=self.features,
+            feature_observer=feature_metrics,
+            feature_breaker=feature_breaker,
         )
         self.health = Health()
         self.grpc_port = 0

@@ -12,9 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from registry_client import ModelVersion, Registry
 from registry_client.errors import RegistryError
 from server.batching import BatchPolicy, DynamicBatcher
+from server.breaker import CircuitBreaker
 from server.clock import Clock
 from server.config import ModelSettings
 from server.errors import FailedPrecondition, NotFound, ServingError
@@ -46,6 +49,10 @@ class ServedModel:
     view: FeatureView | None = None
     entity_signature: ModelSignature | None = None
     feature_input: str = ""
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker("unset"))
+    # One row of each output, in signature order, answered while the breaker is open.
+    static_fallback: list[np.ndarray] | None = None
+    in_flight: int = 0
 
     @property
     def signature(self) -> ModelSignature:
@@ -83,6 +90,36 @@ class ModelSlot:
     failed_reloads: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    # The version that answers while the current one's breaker is open (fallback = "previous").
+    previous: ServedModel | None = None
+
+
+def _static_fallback(settings: ModelSettings, signature: ModelSignature) -> list[np.ndarray] | None:
+    """One row of every output from `fallback_outputs`, checked against the signature."""
+    if settings.fallback != "static":
+        return None
+    rows = []
+    given = dict(settings.fallback_outputs)
+    key = f"models.{settings.name}.fallback_outputs"
+    for spec in signature.outputs:
+        if spec.name not in given:
+            raise FailedPrecondition(f"{key}: no value for output {spec.name}")
+        try:
+            value = np.asarray(given.pop(spec.name), dtype=spec.dtype)
+        except (TypeError, ValueError) as exc:
+            raise FailedPrecondition(f"{key}.{spec.name}: not {spec.datatype}: {exc}") from exc
+        want = spec.shape[1:]
+        if len(value.shape) != len(want) or any(
+            w not in (-1, v) for w, v in zip(want, value.shape, strict=True)
+        ):
+            raise FailedPrecondition(
+                f"{key}.{spec.name}: one row has shape {list(value.shape)}; "
+                f"the output's row shape is {list(want)}"
+            )
+        rows.append(value)
+    if given:
+        raise FailedPrecondition(f"{key}: unknown output {sorted(given)[0]}")
+    return rows
 
 
 def reload_backoff(failures: int, interval_s: float, cap_s: float = 60.0) -> float:
@@ -195,10 +232,22 @@ class ModelManager:
         self._versions[served.key.name] = {served.key.version: served}
         self._default[served.key.name] = served
         now_ms = time.time_ns() // 1_000_000
-        self.slots[served.key.name] = ModelSlot(
-            settings, served, loaded_at_ms=now_ms, last_check_ms=now_ms
-        )
+        slot = ModelSlot(settings, served, loaded_at_ms=now_ms, last_check_ms=now_ms)
+        self.slots[served.key.name] = slot
+        if settings.fallback == "previous" and settings.fallback_ref:
+            fallback_mv = await loop.run_in_executor(None, self._resolve, settings.fallback_ref)
+            previous = await loop.run_in_executor(None, self._load_sync, settings, fallback_mv)
+            problem = _compatible(served.signature, previous.signature)
+            if problem is not None:
+                raise FailedPrecondition(
+                    f"{settings.fallback_ref} cannot stand in for {settings.ref}: {problem}"
+                )
+            slot.previous = previous
         return served
+
+    def previous(self, name: str) -> ServedModel | None:
+        slot = self.slots.get(name)
+        return None if slot is None else slot.previous
 
     def _resolve(self, ref: str) -> ModelVersion:
         try:
@@ -271,9 +320,14 @@ class ModelManager:
                 new.key.version,
                 settings.ref,
             )
-            task = asyncio.create_task(self._retire(old))
-            slot.retiring.add(task)
-            task.add_done_callback(slot.retiring.discard)
+            retired: ServedModel | None = old
+            if settings.fallback == "previous":
+                # Keep the old version warm as the fallback; retire the one it replaces.
+                retired, slot.previous = slot.previous, old
+            if retired is not None:
+                task = asyncio.create_task(self._retire(retired))
+                slot.retiring.add(task)
+                task.add_done_callback(slot.retiring.discard)
             return ReloadOutcome(name, new.key.version, old.key.version, True, "swapped")
 
     async def _retire(self, old: ServedModel) -> None:
@@ -355,7 +409,15 @@ class ModelManager:
             "inline on the event loop" if inline else f"in {settings.instances} executor thread(s)",
         )
         view, entity_signature, feature_input = self._feature_view(mv, runtime.signature)
+        breaker = CircuitBreaker(
+            f"model:{mv.name}:{mv.version}",
+            settings.breaker,
+            on_transition=self._metrics.breaker_transition,
+        )
+        self._metrics.breaker_created(breaker.name)
         return ServedModel(
+            breaker=breaker,
+            static_fallback=_static_fallback(settings, runtime.signature),
             view=view,
             entity_signature=entity_signature,
             feature_input=feature_input,

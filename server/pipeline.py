@@ -12,8 +12,16 @@ from typing import Protocol
 
 import numpy as np
 
+from server.breaker import CircuitBreaker
 from server.clock import Clock
-from server.errors import FailedPrecondition, ServingError, Unavailable
+from server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ModelError,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
 from server.features.store import FeatureLookup
 from server.features.view import FeatureView
 from server.models import ModelManager, ServedModel
@@ -38,11 +46,13 @@ class InferencePipeline:
         *,
         features: FeatureLookup | None = None,
         feature_observer: FeatureObserver | None = None,
+        feature_breaker: CircuitBreaker | None = None,
     ) -> None:
         self.models = models
         self._clock = clock
         self._features = features
         self._feature_observer = feature_observer
+        self._feature_breaker = feature_breaker
         self._accepting = True
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -64,8 +74,17 @@ class InferencePipeline:
     async def infer(self, served: ServedModel, request: InferRequest) -> InferResult:
         if not self._accepting:
             raise Unavailable("server is shutting down")
+        cap = served.settings.max_in_flight
+        if cap and served.in_flight >= cap:
+            served.observer.request_done(0.0, "RESOURCE_EXHAUSTED")
+            served.observer.dropped("in_flight_cap", 1)
+            raise ResourceExhausted(
+                f"model {served.key.name} has {served.in_flight} requests in flight "
+                f"(max_in_flight {cap})"
+            )
         start = self._clock.now()
         self._in_flight += 1
+        served.in_flight += 1
         self._idle.clear()
         status = "OK"
         parameters: dict[str, object] = {}
@@ -73,15 +92,15 @@ class InferencePipeline:
             view = served.view
             if view is not None and view.entity_key in request.inputs:
                 request.inputs, parameters = await self._features_for(served, view, request)
-            outputs = await served.batcher.submit(request.inputs, request.rows, request.deadline)
-            index = served.output_index
+            outputs, answered = await self._run(served, request, parameters)
+            index = answered.output_index
             if request.outputs is None:
                 selected = dict(zip(index, outputs, strict=True))
             else:
                 selected = {name: outputs[index[name]] for name in request.outputs}
             return InferResult(
-                model=served.key.name,
-                version=served.key.version,
+                model=answered.key.name,
+                version=answered.key.version,
                 id=request.id,
                 outputs=selected,
                 raw_output=request.raw_output,
@@ -98,9 +117,61 @@ class InferencePipeline:
             raise
         finally:
             served.observer.request_done(self._clock.now() - start, status)
+            served.in_flight -= 1
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _run(
+        self, served: ServedModel, request: InferRequest, parameters: dict[str, object]
+    ) -> tuple[list[np.ndarray], ServedModel]:
+        """The model call inside its circuit breaker; the fallback while the breaker is open."""
+        breaker = served.breaker
+        began = self._clock.now()
+        permit = breaker.allow(began)
+        if permit is None:
+            return await self._fallback(served, request, parameters)
+        try:
+            submitted = served.batcher.submit(request.inputs, request.rows, request.deadline)
+            timeout = served.settings.timeout_ms
+            outputs = await (asyncio.wait_for(submitted, timeout / 1000) if timeout else submitted)
+        except (ModelError, TimeoutError) as exc:
+            ended = self._clock.now()
+            breaker.record(permit, False, ended - began, ended)
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(
+                    f"model {served.key.name} version {served.key.version} took longer than "
+                    f"timeout_ms ({served.settings.timeout_ms:g} ms)"
+                ) from None
+            raise
+        except BaseException:
+            # Not the model's fault (cancelled, expired, rejected): the call does not count.
+            breaker.release(permit, self._clock.now())
+            raise
+        ended = self._clock.now()
+        breaker.record(permit, True, ended - began, ended)
+        return outputs, served
+
+    async def _fallback(
+        self, served: ServedModel, request: InferRequest, parameters: dict[str, object]
+    ) -> tuple[list[np.ndarray], ServedModel]:
+        kind = served.settings.fallback
+        if kind == "static" and served.static_fallback is not None:
+            served.observer.fallback("static")
+            parameters["fallback"] = "static"
+            rows = request.rows
+            return [np.repeat(v[None, ...], rows, axis=0) for v in served.static_fallback], served
+        if kind == "previous":
+            previous = self.models.previous(served.key.name)
+            if previous is not None and previous is not served:
+                served.observer.fallback("previous")
+                parameters["fallback"] = f"previous:{previous.key.version}"
+                return await self._run(previous, request, parameters)
+        raise Unavailable(
+            f"circuit breaker {served.breaker.name} is open; model {served.key.name} version "
+            f"{served.key.version} is failing (retry after "
+            f"{served.breaker.config.wait_duration_in_open_s:g}s)"
+        )
 
     async def _features_for(
         self, served: ServedModel, view: FeatureView, request: InferRequest
@@ -117,8 +188,26 @@ class InferencePipeline:
             )
         start = self._clock.now()
         observer = self._feature_observer
+        breaker = self._feature_breaker
+        permit = breaker.allow(start) if breaker is not None else None
         try:
-            blobs = await self._features.get([view.key(i) for i in ids])
+            if breaker is not None and permit is None:
+                raise Unavailable(
+                    f"circuit breaker {breaker.name} is open: the feature store is failing "
+                    f"(retry after {breaker.config.wait_duration_in_open_s:g}s)"
+                )
+            try:
+                blobs = await self._features.get([view.key(i) for i in ids])
+            except Unavailable:
+                if breaker is not None and permit is not None:
+                    breaker.record(permit, False, self._clock.now() - start, self._clock.now())
+                raise
+            except BaseException:
+                if breaker is not None and permit is not None:
+                    breaker.release(permit, self._clock.now())
+                raise
+            if breaker is not None and permit is not None:
+                breaker.record(permit, True, self._clock.now() - start, self._clock.now())
         except Unavailable:
             if view.on_store_error != "defaults":
                 raise

@@ -9,6 +9,7 @@ bound once per model version; queue depth is read at scrape time, not per reques
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -18,6 +19,9 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from server.observability.stats import ModelStats
+
+log = logging.getLogger("server.breaker")
+_BREAKER_STATES = {"CLOSED": 0, "OPEN": 1, "HALF_OPEN": 2, "FORCED_OPEN": 3, "DISABLED": 4}
 
 # Sub-millisecond work needs sub-millisecond buckets.
 LATENCY_BUCKETS = (
@@ -197,11 +201,46 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.breaker_state = Gauge(
+            "batchline_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled",
+            ["breaker"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "batchline_breaker_transitions",
+            "Circuit breaker state changes",
+            ["breaker", "from_state", "to_state"],
+            registry=r,
+        )
+        self.fallbacks = LoopCounter(
+            "batchline_fallbacks",
+            "Requests answered by a fallback while a breaker was open",
+            ["model", "version", "kind"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "batchline_model_info",
             "Served model versions (value 1), with their alias and artifact sha256",
             ["model", "version", "alias", "sha256"],
             registry=r,
+        )
+
+    def breaker_created(self, name: str) -> None:
+        self.breaker_state.labels(name).set(0)
+
+    def breaker_transition(self, t: Any) -> None:
+        """One log line and a metric per breaker transition."""
+        self.breaker_state.labels(t.name).set(_BREAKER_STATES.get(t.to_state.name, -1))
+        self.breaker_transitions.labels(t.name, t.from_state.name, t.to_state.name).inc()
+        log.warning(
+            "circuit breaker %s: %s -> %s (%s; failure rate %.1f%%, slow-call rate %.1f%%)",
+            t.name,
+            t.from_state.name,
+            t.to_state.name,
+            t.reason,
+            t.failure_rate,
+            t.slow_call_rate,
         )
 
     def for_model(
@@ -272,6 +311,9 @@ class ModelObserver:
                 observe(wait)
         else:
             self._batch_fail.inc()
+
+    def fallback(self, kind: str) -> None:
+        self._metrics.fallbacks.labels(self._model, self._version, kind).inc()
 
     def dropped(self, reason: str, count: int) -> None:
         counter = self._dropped.get(reason)

@@ -19,6 +19,7 @@ import pytest
 
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
+from server.clock import Clock
 from server.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,7 @@ async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
         grace_period_s: float = 5.0,
         registry: Path | None = None,
         server: dict[str, Any] | None = None,
+        clock: Clock | None = None,
         **model_overrides: Any,
     ) -> App:
         settings = load_settings(
@@ -53,7 +55,7 @@ async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
             model_refs=models,
             model_overrides=model_overrides,
         )
-        app = App(settings)
+        app = App(settings, clock=clock)
         await app.start()
         apps.append(app)
         return app
