@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 
 from registry_client import FileRegistry, Registry
 from server.api.admin import AdminServicer
-from server.api.server import Health, build_server
+from server.api.server import Health, TlsFiles, build_server
 from server.api.servicer import InferenceServicer
 from server.breaker import CircuitBreaker
 from server.clock import Clock, MonotonicClock
@@ -134,6 +134,9 @@ class App:
             max_message_bytes=server_settings.max_message_bytes,
             reuse_port=server_settings.workers > 1,
             admin=AdminServicer(self.models, server_settings.admin_token),
+            tls=TlsFiles(server_settings.tls_cert, server_settings.tls_key, server_settings.tls_ca)
+            if server_settings.tls_cert
+            else None,
         )
         await self._server.start()
         if server_settings.metrics_port >= 0:

@@ -122,12 +122,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.registry), requests=args.requests, concurrency=args.concurrency)
 
 
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        if args.tls_ca or args.tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                _read(args.tls_ca), _read(args.tls_key), _read(args.tls_cert)
+            )
+            channel = grpc.secure_channel(args.address, credentials)
+        else:
+            channel = grpc.insecure_channel(args.address)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -184,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--address", default="127.0.0.1:8001")
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=2.0)
+    health.add_argument("--tls-ca", help="CA to verify the server (enables TLS)")
+    health.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    health.add_argument("--tls-key", help="client key (mutual TLS)")
     health.set_defaults(func=cmd_health)
     return parser
 

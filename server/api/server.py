@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +31,24 @@ class Health:
         )
         for name in ("", SERVICE_NAME):
             await self.servicer.set(name, status)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS on the gRPC port; with a CA, clients must present a certificate it
+    signed (mutual TLS)."""
+
+    cert: str
+    key: str
+    ca: str = ""
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        ca = Path(self.ca).read_bytes() if self.ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
 
 def _serialize(message: Any) -> bytes:
@@ -64,6 +84,7 @@ def build_server(
     max_message_bytes: int,
     reuse_port: bool,
     admin: AdminServicer | None = None,
+    tls: TlsFiles | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Return the server and the port it really bound (port 0 picks a free one)."""
     server = grpc.aio.server(
@@ -79,7 +100,11 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
     if admin is not None:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.server_credentials())
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
     return server, bound
