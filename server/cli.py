@@ -115,6 +115,50 @@ def cmd_build_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feature_view(registry: str, ref: str) -> object:
+    from registry_client import FileRegistry, RegistryError
+    from server.features.view import FeatureView
+
+    store = FileRegistry(Path(registry))
+    try:
+        mv = store.resolve(ref)
+        text = store.attachment(mv.name, mv.version, "feature_view.json").read_text()
+    except RegistryError as exc:
+        raise ConfigError(f"--model {ref}: {exc}") from exc
+    return FeatureView.from_json(text)
+
+
+def cmd_features_materialize(args: argparse.Namespace) -> int:
+    """Offline rows -> the online store, through the model version's feature view."""
+    from server.app import open_feature_store
+    from server.features.materialize import materialize, read_rows
+    from server.features.view import FeatureView
+
+    view = _feature_view(args.registry, args.model)
+    assert isinstance(view, FeatureView)
+
+    async def run() -> None:
+        store = open_feature_store(args.store)
+        try:
+            done = await materialize(view, read_rows(Path(args.input)), store)
+        finally:
+            await store.close()
+        print(
+            f"materialized {len(done.entities)} {view.entity_key} rows of {view.name} into "
+            f"{store.description} ({done.bad_values} missing or bad values stored as NaN, "
+            f"{done.skipped_rows} rows without an id skipped)"
+        )
+
+    _run(run())
+    return 0
+
+
+def cmd_features_show(args: argparse.Namespace) -> int:
+    view = _feature_view(args.registry, args.model)
+    print(view.to_json())  # type: ignore[attr-defined]
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
@@ -184,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo_models.add_argument("--quick", action="store_true", help="smaller training (tests)")
     demo_models.add_argument("--force", action="store_true", help="rebuild even if present")
     demo_models.set_defaults(func=cmd_build_demo)
+
+    features = sub.add_parser("features", help="online features")
+    features_sub = features.add_subparsers(dest="features_command", required=True)
+    mat = features_sub.add_parser(
+        "materialize", help="write offline rows (CSV or Parquet) into the online store"
+    )
+    mat.add_argument("--registry", required=True)
+    mat.add_argument("--model", required=True, metavar="NAME@ALIAS", help="whose feature view")
+    mat.add_argument("--input", required=True, help="CSV (or Parquet) with the entity key column")
+    mat.add_argument("--store", required=True, help="redis://... or sqlite:///path")
+    mat.set_defaults(func=cmd_features_materialize)
+    show = features_sub.add_parser("show", help="print a model version's feature view")
+    show.add_argument("--registry", required=True)
+    show.add_argument("--model", required=True, metavar="NAME@ALIAS")
+    show.set_defaults(func=cmd_features_show)
 
     demo = sub.add_parser("demo", help="build, serve and exercise the demo models in one go")
     demo.add_argument("--registry", default="demo-registry")
