@@ -287,6 +287,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             ):
                 getattr(inf, field).count = value.count
                 getattr(inf, field).ns = value.ns
+            # perf_analyzer requires the three compute counts to agree; batchline times the
+            # model call as a whole (compute_infer), so input and output carry the count only.
+            inf.compute_input.count = inf.compute_output.count = st.compute_infer.count
             for size in sorted(st.batch_stats):
                 per = st.batch_stats[size].compute_infer
                 b = entry.batch_stats.add(batch_size=size)
