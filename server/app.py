@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from registry_client import FileRegistry, Registry
+from registry_client import Registry, open_registry
 from server.api.admin import AdminServicer
 from server.api.server import Health, TlsFiles, build_server
 from server.api.servicer import InferenceServicer
@@ -30,10 +30,14 @@ from server.errors import ConfigError
 from server.features.sqlite_store import SqliteFeatureStore
 from server.features.store import FeatureLookup, FeatureStore
 from server.models import ModelManager
-from server.observability.metrics import FeatureMetrics, Metrics
+from server.observability.metrics import FeatureMetrics, Metrics, MirrorCollector
 from server.pipeline import InferencePipeline
+from server.shadow import PairLog
 
 log = logging.getLogger(__name__)
+
+# How long arrivals must pause before the gRPC server is stopped during a drain.
+QUIET_S = 0.1
 
 
 def open_feature_store(url: str) -> FeatureStore:
@@ -70,7 +74,7 @@ class App:
             raise ConfigError("server.registry: no model registry configured (--registry DIR)")
         self.settings = settings
         self.clock = clock or MonotonicClock()
-        self.registry: Registry = registry or FileRegistry(Path(settings.server.registry))
+        self.registry: Registry = registry or open_registry(settings.server.registry)
         self.metrics = Metrics()
         self.models = ModelManager(self.registry, self.clock, self.metrics)
         self.features: FeatureLookup | None = None
@@ -101,6 +105,12 @@ class App:
             feature_observer=feature_metrics,
             feature_breaker=feature_breaker,
         )
+        self.pair_log = PairLog(
+            settings.server.shadow_log_max_pairs, path=settings.server.shadow_log or None
+        )
+        self.pipeline.pair_log = self.pair_log
+        self.models.pair_sink = self.pair_log.append  # type: ignore[method-assign]
+        self.metrics.registry.register(MirrorCollector(self.models.slots))
         self.health = Health()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -110,6 +120,7 @@ class App:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
+        self._servicer: InferenceServicer | None = None
 
     @property
     def ready(self) -> bool:
@@ -119,7 +130,7 @@ class App:
         server_settings = self.settings.server
         for model in self.settings.models:
             await self.models.load(model)
-        servicer = InferenceServicer(
+        servicer = self._servicer = InferenceServicer(
             self.pipeline,
             self.clock,
             max_tensor_elements=server_settings.max_tensor_elements,
@@ -146,6 +157,7 @@ class App:
                 registry=self.metrics.registry,
             )
             self.metrics_port = self._http.server_port
+        await self.models.start_mirrors()
         if server_settings.poll_interval_s > 0:
             self._watcher = asyncio.create_task(self.models.watch(server_settings.poll_interval_s))
         self._ready = True
@@ -174,6 +186,7 @@ class App:
             return
         self._stopping = True
         grace = self.settings.server.grace_period_s if grace is None else grace
+        started = asyncio.get_running_loop().time()
         self._ready = False
         if self._watcher is not None:
             self._watcher.cancel()
@@ -187,8 +200,19 @@ class App:
                 grace,
                 self.pipeline.in_flight,
             )
+        # gRPC may hold calls it received but has not handed to a handler yet; stopping now
+        # would cancel them. Keep answering (UNAVAILABLE, shutting down) until arrivals have
+        # been quiet for a moment, within what is left of the grace period.
+        loop = asyncio.get_running_loop()
+        until = started + grace
+        while self._servicer is not None and loop.time() < until:
+            if self.clock.now() - self._servicer.last_call >= QUIET_S:
+                break
+            await asyncio.sleep(QUIET_S / 5)
         if self._server is not None:
             await self._server.stop(grace=0.5)
+        await self.models.stop_mirrors()
+        self.pair_log.close()
         self.models.close()
         if self.features is not None:
             await self.features.close()

@@ -9,9 +9,10 @@ import grpc
 
 from server._proto import admin_pb2 as pb
 from server._proto import admin_pb2_grpc as pb_grpc
-from server.api.status import STATUS
-from server.errors import ServingError
+from server.api.status import abort
+from server.errors import InvalidArgument, ServingError
 from server.models import ModelManager, ModelSlot
+from server.routing import Route, ShadowSpec
 
 
 def authorized(context: grpc.aio.ServicerContext, token: str) -> bool:
@@ -33,6 +34,19 @@ async def require_admin(context: grpc.aio.ServicerContext, token: str) -> None:
             grpc.StatusCode.UNAUTHENTICATED,
             "admin call needs metadata authorization: Bearer <token>",
         )
+
+
+def _route_message(route: Route) -> Any:
+    return pb.RouteSpec(
+        model=route.model,
+        primary=route.primary,
+        canary=route.canary or "",
+        canary_percent=route.canary_percent,
+        shadows=[
+            pb.ShadowTarget(version=s.version, sample_percent=s.sample_percent)
+            for s in route.shadows
+        ],
+    )
 
 
 def model_state(slot: ModelSlot) -> Any:
@@ -68,7 +82,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
         try:
             outcome = await self._models.reload(request.model, request.ref or None)
         except ServingError as exc:
-            await context.abort(STATUS[exc.kind], exc.message)
+            await abort(context, exc)
         return pb.ReloadModelResponse(
             model=outcome.model,
             version=outcome.version,
@@ -76,6 +90,36 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
             changed=outcome.changed,
             message=outcome.message,
         )
+
+    async def GetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await require_admin(context, self._token)
+        try:
+            served = self._models.get(request.model)
+        except ServingError as exc:
+            await abort(context, exc)
+        route = self._models.route(request.model) or Route(request.model, served.key.version)
+        return _route_message(route)
+
+    async def SetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await require_admin(context, self._token)
+        try:
+            served = self._models.get(request.model)
+            try:
+                route = Route(
+                    model=request.model,
+                    primary=request.primary or served.key.version,
+                    canary=request.canary or None,
+                    canary_percent=request.canary_percent,
+                    shadows=tuple(
+                        ShadowSpec(s.version, s.sample_percent or 100.0) for s in request.shadows
+                    ),
+                )
+            except ValueError as exc:
+                raise InvalidArgument(f"route for {request.model}: {exc}") from exc
+            route = await self._models.set_route(request.model, route)
+        except ServingError as exc:
+            await abort(context, exc)
+        return _route_message(route)
 
     async def ModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         slots = self._models.slots

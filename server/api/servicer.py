@@ -14,7 +14,7 @@ from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.api.admin import require_admin
 from server.api.codec import Limits, decode_request, encode_result
-from server.api.status import STATUS
+from server.api.status import abort
 from server.api.wire import RawResponseEncoder, stream_reply
 from server.clock import Clock
 from server.errors import InvalidArgument, ServingError
@@ -60,6 +60,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._is_ready = is_ready
         self._limits: dict[ServedModel, Limits] = {}
         self._wire = RawResponseEncoder()
+        # When the last inference call arrived (the drain waits for a quiet moment).
+        self.last_call = clock.now()
 
     # ---- inference ------------------------------------------------------------------------
 
@@ -80,7 +82,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         ):
             signature = entity_signature
         try:
-            decoded = decode_request(request, signature, limits, served.key.version, deadline)
+            # version None: the caller named no version, so routing (canary) may choose one.
+            decoded = decode_request(
+                request, signature, limits, request.model_version or None, deadline
+            )
         except ServingError as exc:
             served.observer.request_done(0.0, exc.kind.name)
             raise
@@ -93,16 +98,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return encode_result(result)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.last_call = self._clock.now()
         try:
             return await self._infer(request, context.time_remaining())
         except ServingError as exc:
-            await context.abort(STATUS[exc.kind], exc.message)
+            await abort(context, exc)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         """Requests on one stream run concurrently (so they can share batches); each reply
         carries its request's id, and a failed request answers error_message, not the stream."""
+        self.last_call = self._clock.now()
         replies: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         done = object()
@@ -130,6 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    self.last_call = self._clock.now()
                     task = asyncio.create_task(answer(request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
@@ -180,7 +188,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 raise InvalidArgument("name is required")
             return self._pipeline.models.get(name, version)
         except ServingError as exc:
-            await context.abort(STATUS[exc.kind], exc.message)
+            await abort(context, exc)
             raise  # unreachable: abort raises
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -303,7 +311,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         try:
             await self._pipeline.models.reload(request.model_name)
         except ServingError as exc:
-            await context.abort(STATUS[exc.kind], exc.message)
+            await abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

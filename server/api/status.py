@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 
-from server.errors import ErrorKind
+from server.errors import ErrorKind, ServingError
 
 STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -17,3 +19,20 @@ STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
+
+
+# Client-supplied names end up in messages; gRPC refuses trailing metadata past its limit (8 KiB
+# by default) and the client would see RESOURCE_EXHAUSTED instead of the real status.
+MAX_DETAILS = 1024
+
+
+def details(message: str) -> str:
+    if len(message) <= MAX_DETAILS:
+        return message
+    return message[: MAX_DETAILS - 16] + " ... (truncated)"
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: ServingError) -> NoReturn:
+    """End the call with the error's status and its (bounded) message."""
+    await context.abort(STATUS[exc.kind], details(exc.message))
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
