@@ -68,6 +68,17 @@ class ModelSettings:
     fallback: str = "unavailable"
     fallback_outputs: dict[str, Any] = field(default_factory=dict)
     fallback_ref: str = ""
+    # Traffic split: `canary` (a version) answers `canary_percent` of the requests that name no
+    # version, sticky by entity id (else request id); `shadows` (versions) get mirrored copies
+    # of `shadow_sample_percent` of requests, after the caller has its answer.
+    canary: str = ""
+    canary_percent: float = 0.0
+    shadows: tuple[str, ...] = ()
+    shadow_sample_percent: float = 100.0
+    shadow_queue_size: int = 256
+    shadow_concurrency: int = 1
+    # Mirrored work is shed while the primary's queue holds more than this share of its bound.
+    shadow_shed_above: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ class ServerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # Where shadow pairs go besides memory (JSON lines, rotated); read by `batchline shadow report`.
+    shadow_log: str = ""
+    shadow_log_max_pairs: int = 10000
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,18 @@ def _check_model(key: str, m: ModelSettings) -> None:
         raise ConfigError(
             f"{key}.fallback_ref: expected NAME@ALIAS or NAME@VERSION, got {m.fallback_ref!r}"
         )
+    if m.canary_percent and not m.canary:
+        raise ConfigError(f"{key}.canary_percent: set {key}.canary (a version) too")
+    if not 0 <= m.canary_percent <= 100:
+        raise ConfigError(f"{key}.canary_percent: expected 0..100, got {m.canary_percent}")
+    if not 0 < m.shadow_sample_percent <= 100:
+        raise ConfigError(
+            f"{key}.shadow_sample_percent: expected (0, 100], got {m.shadow_sample_percent}"
+        )
+    at_least("shadow_queue_size", m.shadow_queue_size, 1)
+    at_least("shadow_concurrency", m.shadow_concurrency, 1)
+    if not 0 < m.shadow_shed_above <= 1:
+        raise ConfigError(f"{key}.shadow_shed_above: expected (0, 1], got {m.shadow_shed_above}")
     if m.execution not in ("auto", "inline", "executor"):
         raise ConfigError(
             f"{key}.execution: expected auto, inline or executor, got {m.execution!r}"

@@ -24,7 +24,9 @@ from server.errors import FailedPrecondition, NotFound, ServingError
 from server.features.view import FeatureView
 from server.observability.metrics import Metrics, ModelObserver
 from server.observability.stats import ModelStats
+from server.routing import Route, ShadowMirror, ShadowSpec
 from server.runtime import OnnxModel, RuntimeOptions
+from server.shadow import ShadowPair
 from server.types import ModelKey, ModelSignature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,22 @@ class ModelSlot:
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
     # The version that answers while the current one's breaker is open (fallback = "previous").
     previous: ServedModel | None = None
+    # Canary and shadow versions, and the mirror that feeds the shadows.
+    route: Route | None = None
+    mirror: ShadowMirror[ShadowPair] | None = None
+
+
+def _configured_route(settings: ModelSettings, primary: str) -> Route:
+    try:
+        return Route(
+            model=settings.name,
+            primary=primary,
+            canary=settings.canary or None,
+            canary_percent=settings.canary_percent,
+            shadows=tuple(ShadowSpec(v, settings.shadow_sample_percent) for v in settings.shadows),
+        )
+    except ValueError as exc:
+        raise FailedPrecondition(f"models.{settings.name}: {exc}") from exc
 
 
 def _static_fallback(settings: ModelSettings, signature: ModelSignature) -> list[np.ndarray] | None:
@@ -197,6 +215,9 @@ class ModelManager:
         self._default: dict[str, ServedModel] = {}
         self.slots: dict[str, ModelSlot] = {}
 
+    def versions(self, name: str) -> dict[str, ServedModel]:
+        return self._versions.get(name, {})
+
     def names(self) -> list[str]:
         return list(self._default)
 
@@ -243,7 +264,86 @@ class ModelManager:
                     f"{settings.fallback_ref} cannot stand in for {settings.ref}: {problem}"
                 )
             slot.previous = previous
+        if settings.canary or settings.shadows:
+            await self.set_route(served.key.name, _configured_route(settings, served.key.version))
         return served
+
+    def route(self, name: str) -> Route | None:
+        slot = self.slots.get(name)
+        return None if slot is None else slot.route
+
+    async def set_route(self, name: str, route: Route) -> Route:
+        """Serve `route` for `name`: every version it needs is loaded, warmed up and checked
+        against the primary before the route takes effect, in one synchronous step."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise ModelNotServed(self._unknown_model(name))
+        async with slot.lock:
+            primary = slot.current
+            if route.primary != primary.key.version:
+                raise FailedPrecondition(
+                    f"route for {name}: primary {route.primary} is not the served version "
+                    f"{primary.key.version} (move the alias to change the primary)"
+                )
+            loop = asyncio.get_running_loop()
+            versions = dict(self._versions[name])
+            for version in route.versions:
+                if version in versions:
+                    continue
+                settings = replace(slot.settings, ref=f"{name}@{version}", fallback="unavailable")
+                mv = await loop.run_in_executor(None, self._resolve, settings.ref)
+                extra = await loop.run_in_executor(None, self._load_sync, settings, mv)
+                problem = _compatible(primary.signature, extra.signature)
+                if problem is not None:
+                    extra.batcher.close()
+                    extra.runtime.close()
+                    raise FailedPrecondition(
+                        f"route for {name}: version {version} is not compatible with {primary.key.version}: {problem}"
+                    )
+                versions[version] = extra
+            if route.shadows and slot.mirror is None:
+                slot.mirror = self._mirror(slot)
+            # The swap: versions and route together.
+            self._versions[name] = versions
+            slot.route = route
+            unused = [s for v, s in versions.items() if v not in route.versions]
+            for version in [s.key.version for s in unused]:
+                del versions[version]
+            for old in unused:
+                task = asyncio.create_task(self._retire(old))
+                slot.retiring.add(task)
+                task.add_done_callback(slot.retiring.discard)
+            log.info("route for %s: %s", name, route.to_dict())
+            return route
+
+    def _mirror(self, slot: ModelSlot) -> ShadowMirror[ShadowPair]:
+        settings = slot.settings
+
+        def under_pressure() -> bool:
+            batcher = slot.current.batcher
+            bound = batcher.policy.max_queue_size or 0
+            return bool(bound) and batcher.queued_rows > settings.shadow_shed_above * bound
+
+        return ShadowMirror(
+            settings.name,
+            capacity=settings.shadow_queue_size,
+            concurrency=settings.shadow_concurrency,
+            load_signal=under_pressure,
+            on_result=self.pair_sink,
+        )
+
+    def pair_sink(self, pair: ShadowPair) -> None:
+        """Where shadow pairs go (the app points this at its PairLog)."""
+
+    async def start_mirrors(self) -> None:
+        for slot in self.slots.values():
+            if slot.mirror is not None:
+                await slot.mirror.start()
+
+    async def stop_mirrors(self) -> None:
+        for slot in self.slots.values():
+            if slot.mirror is not None:
+                await slot.mirror.stop()
 
     def previous(self, name: str) -> ServedModel | None:
         slot = self.slots.get(name)
@@ -302,7 +402,10 @@ class ModelManager:
                 raise
             # The swap: synchronous, so no request sees a half-swapped model.
             self._default[name] = new
-            self._versions[name] = {new.key.version: new}
+            extras = {v: s for v, s in self._versions[name].items() if v != old.key.version}
+            self._versions[name] = {**extras, new.key.version: new}
+            if slot.route is not None:
+                slot.route = slot.route.with_primary(new.key.version)
             slot.current = new
             slot.settings = settings
             slot.state = "READY"

@@ -7,6 +7,7 @@ server/api and knows nothing of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Protocol
 
@@ -25,7 +26,31 @@ from server.errors import (
 from server.features.store import FeatureLookup
 from server.features.view import FeatureView
 from server.models import ModelManager, ServedModel
+from server.routing import Route, choose_version, mirror_targets
+from server.shadow import PairLog, ShadowPair
 from server.types import InferRequest, InferResult, ModelKey
+
+
+def _sticky_key(served: ServedModel, request: InferRequest) -> str:
+    """The canary split is sticky by entity id when the request has one, else by request id."""
+    view = served.view
+    if view is not None and view.entity_key in request.inputs:
+        ids = request.inputs[view.entity_key]
+        if ids.size:
+            first = ids.ravel()[0]
+            return first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
+    return request.id
+
+
+def _scores_and_labels(served: ServedModel) -> tuple[int | None, int | None]:
+    """Which outputs are the scores (float) and labels (integer) of a classifier, by position."""
+    scores = labels = None
+    for i, spec in enumerate(served.signature.outputs):
+        if scores is None and spec.datatype in ("FP32", "FP64", "FP16"):
+            scores = i
+        elif labels is None and spec.datatype.startswith(("INT", "UINT")):
+            labels = i
+    return scores, labels
 
 
 class FeatureObserver(Protocol):
@@ -53,6 +78,7 @@ class InferencePipeline:
         self._features = features
         self._feature_observer = feature_observer
         self._feature_breaker = feature_breaker
+        self.pair_log: PairLog | None = None
         self._accepting = True
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -74,6 +100,15 @@ class InferencePipeline:
     async def infer(self, served: ServedModel, request: InferRequest) -> InferResult:
         if not self._accepting:
             raise Unavailable("server is shutting down")
+        route = self.models.route(served.key.name)
+        role = "primary"
+        sticky = ""
+        if route is not None and request.version is None:
+            sticky = _sticky_key(served, request)
+            if route.canary is not None:
+                version, role = choose_version(route, sticky)
+                if version != served.key.version:
+                    served = self.models.get(served.key.name, version)
         cap = served.settings.max_in_flight
         if cap and served.in_flight >= cap:
             served.observer.request_done(0.0, "RESOURCE_EXHAUSTED")
@@ -93,11 +128,15 @@ class InferencePipeline:
             if view is not None and view.entity_key in request.inputs:
                 request.inputs, parameters = await self._features_for(served, view, request)
             outputs, answered = await self._run(served, request, parameters)
+            if role == "canary":
+                parameters["route"] = "canary"
             index = answered.output_index
             if request.outputs is None:
                 selected = dict(zip(index, outputs, strict=True))
             else:
                 selected = {name: outputs[index[name]] for name in request.outputs}
+            if route is not None and route.shadows and request.version is None:
+                self._mirror(served, route, request, sticky, outputs, self._clock.now() - start)
             return InferResult(
                 model=answered.key.name,
                 version=answered.key.version,
@@ -151,6 +190,66 @@ class InferencePipeline:
         ended = self._clock.now()
         breaker.record(permit, True, ended - began, ended)
         return outputs, served
+
+    def _mirror(
+        self,
+        served: ServedModel,
+        route: Route,
+        request: InferRequest,
+        sticky: str,
+        outputs: list[np.ndarray],
+        latency_s: float,
+    ) -> None:
+        """Offer mirrored copies to the shadows; never waits, never raises (shed when full)."""
+        name = served.key.name
+        mirror = self.models.slots[name].mirror
+        if mirror is None:
+            return
+        for spec in mirror_targets(route, sticky):
+            shadow = self.models.versions(name).get(spec.version)
+            if shadow is None:
+                continue
+            job = functools.partial(
+                self._shadow_job, served, shadow, request, sticky, outputs, latency_s
+            )
+            if not mirror.offer(job) and self.pair_log is not None:
+                self.pair_log.note_shed(name)
+
+    async def _shadow_job(
+        self,
+        primary: ServedModel,
+        shadow: ServedModel,
+        request: InferRequest,
+        sticky: str,
+        primary_outputs: list[np.ndarray],
+        primary_latency_s: float,
+    ) -> ShadowPair:
+        copy = InferRequest(
+            model=request.model, version=shadow.key.version, id=request.id,
+            inputs=request.inputs, rows=request.rows,
+        )  # fmt: skip
+        start = self._clock.now()
+        try:
+            outputs, _ = await self._run(shadow, copy, {})
+        except ServingError:
+            if self.pair_log is not None:
+                self.pair_log.note_failure(primary.key.name, shadow.key.version)
+            raise
+        scores, labels = _scores_and_labels(primary)
+        return ShadowPair.from_outputs(
+            model=primary.key.name,
+            primary_version=primary.key.version,
+            shadow_version=shadow.key.version,
+            request_id=request.id,
+            entity_id=sticky if primary.view is not None else "",
+            time_unix_ns=time.time_ns(),
+            primary_scores=primary_outputs[scores] if scores is not None else None,
+            shadow_scores=outputs[scores] if scores is not None else None,
+            primary_labels=primary_outputs[labels] if labels is not None else None,
+            shadow_labels=outputs[labels] if labels is not None else None,
+            primary_latency_s=primary_latency_s,
+            shadow_latency_s=self._clock.now() - start,
+        )
 
     async def _fallback(
         self, served: ServedModel, request: InferRequest, parameters: dict[str, object]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x19server/_proto/admin.proto\x12\x12\x62\x61tchline.admin.v1\"0\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"q\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"#\n\x12ModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xe1\x03\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x19\n\x11loaded_at_unix_ms\x18\x08 \x01(\x03\x12\x1a\n\x12last_check_unix_ms\x18\t \x01(\x03\x12<\n\x07metrics\x18\n \x03(\x0b\x32+.batchline.admin.v1.ModelState.MetricsEntry\x12\x36\n\x04tags\x18\x0b \x03(\x0b\x32(.batchline.admin.v1.ModelState.TagsEntry\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\x12\x11\n\texecution\x18\x0e \x01(\t\x12\x0f\n\x07reloads\x18\x0f \x01(\x04\x12\x16\n\x0e\x66\x61iled_reloads\x18\x10 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x13ModelStatusResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.batchline.admin.v1.ModelState2\xd2\x01\n\x0c\x41\x64minService\x12`\n\x0bReloadModel\x12&.batchline.admin.v1.ReloadModelRequest\x1a\'.batchline.admin.v1.ReloadModelResponse\"\x00\x12`\n\x0bModelStatus\x12&.batchline.admin.v1.ModelStatusRequest\x1a\'.batchline.admin.v1.ModelStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x19server/_proto/admin.proto\x12\x12\x62\x61tchline.admin.v1\" \n\x0fGetRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\"7\n\x0cShadowTarget\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0esample_percent\x18\x02 \x01(\x01\"\x86\x01\n\tRouteSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61nary\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\x01\x12\x31\n\x07shadows\x18\x05 \x03(\x0b\x32 .batchline.admin.v1.ShadowTarget\"0\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"q\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\"#\n\x12ModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xe1\x03\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x19\n\x11loaded_at_unix_ms\x18\x08 \x01(\x03\x12\x1a\n\x12last_check_unix_ms\x18\t \x01(\x03\x12<\n\x07metrics\x18\n \x03(\x0b\x32+.batchline.admin.v1.ModelState.MetricsEntry\x12\x36\n\x04tags\x18\x0b \x03(\x0b\x32(.batchline.admin.v1.ModelState.TagsEntry\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\x12\x11\n\texecution\x18\x0e \x01(\t\x12\x0f\n\x07reloads\x18\x0f \x01(\x04\x12\x16\n\x0e\x66\x61iled_reloads\x18\x10 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x13ModelStatusResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.batchline.admin.v1.ModelState2\xf0\x02\n\x0c\x41\x64minService\x12`\n\x0bReloadModel\x12&.batchline.admin.v1.ReloadModelRequest\x1a\'.batchline.admin.v1.ReloadModelResponse\"\x00\x12`\n\x0bModelStatus\x12&.batchline.admin.v1.ModelStatusRequest\x1a\'.batchline.admin.v1.ModelStatusResponse\"\x00\x12P\n\x08GetRoute\x12#.batchline.admin.v1.GetRouteRequest\x1a\x1d.batchline.admin.v1.RouteSpec\"\x00\x12J\n\x08SetRoute\x12\x1d.batchline.admin.v1.RouteSpec\x1a\x1d.batchline.admin.v1.RouteSpec\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSTATE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELSTATE_TAGSENTRY']._loaded_options = None
   _globals['_MODELSTATE_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_RELOADMODELREQUEST']._serialized_start=49
-  _globals['_RELOADMODELREQUEST']._serialized_end=97
-  _globals['_RELOADMODELRESPONSE']._serialized_start=99
-  _globals['_RELOADMODELRESPONSE']._serialized_end=212
-  _globals['_MODELSTATUSREQUEST']._serialized_start=214
-  _globals['_MODELSTATUSREQUEST']._serialized_end=249
-  _globals['_MODELSTATE']._serialized_start=252
-  _globals['_MODELSTATE']._serialized_end=733
-  _globals['_MODELSTATE_METRICSENTRY']._serialized_start=642
-  _globals['_MODELSTATE_METRICSENTRY']._serialized_end=688
-  _globals['_MODELSTATE_TAGSENTRY']._serialized_start=690
-  _globals['_MODELSTATE_TAGSENTRY']._serialized_end=733
-  _globals['_MODELSTATUSRESPONSE']._serialized_start=735
-  _globals['_MODELSTATUSRESPONSE']._serialized_end=804
-  _globals['_ADMINSERVICE']._serialized_start=807
-  _globals['_ADMINSERVICE']._serialized_end=1017
+  _globals['_GETROUTEREQUEST']._serialized_start=49
+  _globals['_GETROUTEREQUEST']._serialized_end=81
+  _globals['_SHADOWTARGET']._serialized_start=83
+  _globals['_SHADOWTARGET']._serialized_end=138
+  _globals['_ROUTESPEC']._serialized_start=141
+  _globals['_ROUTESPEC']._serialized_end=275
+  _globals['_RELOADMODELREQUEST']._serialized_start=277
+  _globals['_RELOADMODELREQUEST']._serialized_end=325
+  _globals['_RELOADMODELRESPONSE']._serialized_start=327
+  _globals['_RELOADMODELRESPONSE']._serialized_end=440
+  _globals['_MODELSTATUSREQUEST']._serialized_start=442
+  _globals['_MODELSTATUSREQUEST']._serialized_end=477
+  _globals['_MODELSTATE']._serialized_start=480
+  _globals['_MODELSTATE']._serialized_end=961
+  _globals['_MODELSTATE_METRICSENTRY']._serialized_start=870
+  _globals['_MODELSTATE_METRICSENTRY']._serialized_end=916
+  _globals['_MODELSTATE_TAGSENTRY']._serialized_start=918
+  _globals['_MODELSTATE_TAGSENTRY']._serialized_end=961
+  _globals['_MODELSTATUSRESPONSE']._serialized_start=963
+  _globals['_MODELSTATUSRESPONSE']._serialized_end=1032
+  _globals['_ADMINSERVICE']._serialized_start=1035
+  _globals['_ADMINSERVICE']._serialized_end=1403
 # @@protoc_insertion_point(module_scope)

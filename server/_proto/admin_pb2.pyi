@@ -6,6 +6,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetRouteRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ShadowTarget(_message.Message):
+    __slots__ = ("version", "sample_percent")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    sample_percent: float
+    def __init__(self, version: _Optional[str] = ..., sample_percent: _Optional[float] = ...) -> None: ...
+
+class RouteSpec(_message.Message):
+    __slots__ = ("model", "primary", "canary", "canary_percent", "shadows")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    primary: str
+    canary: str
+    canary_percent: float
+    shadows: _containers.RepeatedCompositeFieldContainer[ShadowTarget]
+    def __init__(self, model: _Optional[str] = ..., primary: _Optional[str] = ..., canary: _Optional[str] = ..., canary_percent: _Optional[float] = ..., shadows: _Optional[_Iterable[_Union[ShadowTarget, _Mapping]]] = ...) -> None: ...
+
 class ReloadModelRequest(_message.Message):
     __slots__ = ("model", "ref")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,16 @@ class AdminServiceStub:
                 request_serializer=server_dot___proto_dot_admin__pb2.ModelStatusRequest.SerializeToString,
                 response_deserializer=server_dot___proto_dot_admin__pb2.ModelStatusResponse.FromString,
                 _registered_method=True)
+        self.GetRoute = channel.unary_unary(
+                '/batchline.admin.v1.AdminService/GetRoute',
+                request_serializer=server_dot___proto_dot_admin__pb2.GetRouteRequest.SerializeToString,
+                response_deserializer=server_dot___proto_dot_admin__pb2.RouteSpec.FromString,
+                _registered_method=True)
+        self.SetRoute = channel.unary_unary(
+                '/batchline.admin.v1.AdminService/SetRoute',
+                request_serializer=server_dot___proto_dot_admin__pb2.RouteSpec.SerializeToString,
+                response_deserializer=server_dot___proto_dot_admin__pb2.RouteSpec.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -65,6 +75,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRoute(self, request, context):
+        """A model's traffic split: primary, canary (share, sticky by entity or request id), shadows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRoute(self, request, context):
+        """Change it without a restart: versions it names are loaded, warmed up and checked against
+        the primary first; a version that fails to load is refused (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +102,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ModelStatus,
                     request_deserializer=server_dot___proto_dot_admin__pb2.ModelStatusRequest.FromString,
                     response_serializer=server_dot___proto_dot_admin__pb2.ModelStatusResponse.SerializeToString,
+            ),
+            'GetRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoute,
+                    request_deserializer=server_dot___proto_dot_admin__pb2.GetRouteRequest.FromString,
+                    response_serializer=server_dot___proto_dot_admin__pb2.RouteSpec.SerializeToString,
+            ),
+            'SetRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoute,
+                    request_deserializer=server_dot___proto_dot_admin__pb2.RouteSpec.FromString,
+                    response_serializer=server_dot___proto_dot_admin__pb2.RouteSpec.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +168,60 @@ class AdminService:
             '/batchline.admin.v1.AdminService/ModelStatus',
             server_dot___proto_dot_admin__pb2.ModelStatusRequest.SerializeToString,
             server_dot___proto_dot_admin__pb2.ModelStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/batchline.admin.v1.AdminService/GetRoute',
+            server_dot___proto_dot_admin__pb2.GetRouteRequest.SerializeToString,
+            server_dot___proto_dot_admin__pb2.RouteSpec.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/batchline.admin.v1.AdminService/SetRoute',
+            server_dot___proto_dot_admin__pb2.RouteSpec.SerializeToString,
+            server_dot___proto_dot_admin__pb2.RouteSpec.FromString,
             options,
             channel_credentials,
             insecure,

@@ -324,6 +324,33 @@ class ModelObserver:
         counter.inc(count)
 
 
+class MirrorCollector(Collector):
+    """Shadow mirroring counters per model, read from the mirrors at scrape time."""
+
+    _OUTCOMES = ("offered", "shed_full", "shed_load", "completed", "failed")
+
+    def __init__(self, slots: Any) -> None:
+        self._slots = slots
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "batchline_shadow_requests",
+            "Mirrored requests per model by outcome (offered, shed_full, shed_load, completed, failed)",
+            labels=["model", "outcome"],
+        )
+        for name, slot in list(self._slots.items()):
+            mirror = slot.mirror
+            if mirror is None:
+                continue
+            counts = mirror.counters.as_dict()
+            for outcome in self._OUTCOMES:
+                family.add_metric([name, outcome], counts[outcome])
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("batchline_shadow_requests", "", labels=["model", "outcome"])
+
+
 class FeatureMetrics:
     """Feature-store round trips (the lookup's observer) and per-model feature outcomes."""
 
