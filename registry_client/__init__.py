@@ -12,10 +12,14 @@ from registry_client.errors import (
     InvalidName,
     InvalidReference,
     ModelNotFound,
+    NothingToRollBack,
     RegistryError,
+    RegistryUnavailable,
     VersionNotFound,
 )
 from registry_client.file_registry import FileRegistry
+from registry_client.mlflow_registry import MlflowRegistry
+from registry_client.open import open_registry
 from registry_client.protocol import Registry
 from registry_client.refs import (
     DEFAULT_ALIAS,
@@ -25,6 +29,7 @@ from registry_client.refs import (
     validate_name,
     validate_version,
 )
+from registry_client.rollback import rollback
 from registry_client.types import ModelVersion, Signature, TensorInfo
 
 __all__ = [
@@ -34,15 +39,20 @@ __all__ = [
     "FileRegistry",
     "InvalidName",
     "InvalidReference",
+    "MlflowRegistry",
     "ModelNotFound",
     "ModelRef",
     "ModelVersion",
+    "NothingToRollBack",
     "Registry",
     "RegistryError",
+    "RegistryUnavailable",
     "Signature",
     "TensorInfo",
     "VersionNotFound",
+    "open_registry",
     "parse_ref",
+    "rollback",
     "validate_alias",
     "validate_name",
     "validate_version",

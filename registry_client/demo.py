@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from registry_client.errors import AliasNotFound, ModelNotFound, RegistryError
 from registry_client.file_registry import FileRegistry
+from registry_client.profile import PROFILE_FILE, build_profile
 from registry_client.refs import DEFAULT_ALIAS, ModelRef
 from registry_client.types import ModelVersion, Signature, TensorInfo
 
@@ -266,6 +267,9 @@ def _build_model(
                 probabilities=proba,
                 labels=labels,
             )
+            # The drift sidecar's reference: features as trained on, scores as on unseen rows.
+            profile = build_profile(data.X_train, proba[:, 1], feature_names=FEATURES)
+            (work / PROFILE_FILE).write_text(profile.to_json())
             artifact = work / "model.onnx"
             signature = _export_onnx(model, artifact, name)
             mv = registry.register(
@@ -283,6 +287,7 @@ def _build_model(
                 attachments={
                     REFERENCE_FILE: work / REFERENCE_FILE,
                     HOLDOUT_FILE: work / HOLDOUT_FILE,
+                    PROFILE_FILE: work / PROFILE_FILE,
                 },
             )
             if candidate.alias is not None:

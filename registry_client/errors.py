@@ -93,3 +93,35 @@ class InvalidReference(RegistryError, ValueError):
 
     def _reduce_args(self) -> tuple[Any, ...]:
         return (self.ref, self.reason)
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached or failed on its side (refused, timed out, 5xx).
+
+    Raised only after the client's retries are spent; the message names the URL so an operator
+    knows which server to look at.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"model registry at {url} is unavailable: {reason}")
+        self.url = url
+        self.reason = reason
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.url, self.reason)
+
+
+class NothingToRollBack(RegistryError):
+    """An alias has never pointed at another version, so a rollback has nowhere to go."""
+
+    def __init__(self, name: str, alias: str, version: str) -> None:
+        super().__init__(
+            f"model {name!r} alias {alias!r} has only ever pointed at version {version}: "
+            "nothing to roll back to"
+        )
+        self.name = name
+        self.alias = alias
+        self.version = version
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.name, self.alias, self.version)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from registry_client import cli as registry_cli
 from server.config import Settings, load_settings
 from server.errors import ConfigError, ServingError
 
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=2000)
     demo.add_argument("--concurrency", type=int, default=32)
     demo.set_defaults(func=cmd_demo)
+
+    registry_cli.add_subcommands(sub)
 
     health = sub.add_parser("health", help="gRPC health check (exit 0 when SERVING)")
     health.add_argument("--address", default="127.0.0.1:8001")

@@ -1,0 +1,264 @@
+"""`batchline registry list | show | register | promote | rollback`, against either backend.
+
+``server/cli.py`` mounts these with ``add_subcommands(sub)``; ``python -m registry_client.cli
+registry ...`` runs them without the server installed. Every command takes
+``--registry DIR|mlflow+http://host:port``; registry errors print one line naming the model,
+alias, version or URL and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from registry_client.errors import RegistryError
+from registry_client.open import open_registry
+from registry_client.protocol import Registry
+from registry_client.refs import DEFAULT_ALIAS, validate_alias, validate_version
+from registry_client.rollback import rollback
+from registry_client.types import ModelVersion, Signature
+
+PROG = "batchline registry"
+_Handler = Callable[[argparse.Namespace], int]
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``registry`` command (and its subcommands) to a parser's subcommands.
+
+    Each leaf sets ``func``: call ``args.func(args)`` and exit with what it returns.
+    """
+    registry = subparsers.add_parser(
+        "registry", help="list, show, register, promote and roll back model versions"
+    )
+    commands = registry.add_subparsers(dest="registry_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry",
+        required=True,
+        metavar="DIR|mlflow+http://HOST:PORT",
+        help="a file registry folder or an MLflow tracking server",
+    )
+
+    ls = commands.add_parser("list", parents=[common], help="models, their versions and aliases")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=_guarded(cmd_list))
+
+    show = commands.add_parser(
+        "show", parents=[common], help="a model's versions, aliases and alias history"
+    )
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=_guarded(cmd_show))
+
+    register = commands.add_parser(
+        "register", parents=[common], help="register an ONNX file as the model's next version"
+    )
+    register.add_argument("name")
+    register.add_argument("path", type=Path, help="model.onnx")
+    register.add_argument(
+        "--metric", action="append", default=[], type=_metric, metavar="KEY=VALUE"
+    )
+    register.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE")
+    register.add_argument(
+        "--features", default="", help="comma-separated input feature names, in order"
+    )
+    register.add_argument("--description", default="")
+    register.add_argument("--source", default="batchline registry register")
+    register.add_argument("--alias", type=_alias, help="also point this alias at the new version")
+    register.set_defaults(func=_guarded(cmd_register))
+
+    promote = commands.add_parser(
+        "promote", parents=[common], help="point an alias at a version (default: production)"
+    )
+    promote.add_argument("name")
+    promote.add_argument("version", type=_version)
+    promote.add_argument("--alias", type=_alias, default=DEFAULT_ALIAS)
+    promote.set_defaults(func=_guarded(cmd_promote))
+
+    back = commands.add_parser(
+        "rollback", parents=[common], help="return an alias to the version it held before"
+    )
+    back.add_argument("name")
+    back.add_argument("--alias", type=_alias, default=DEFAULT_ALIAS)
+    back.set_defaults(func=_guarded(cmd_rollback))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry)
+    rows: list[dict[str, Any]] = []
+    for name in registry.list_models():
+        versions = [mv.version for mv in registry.list_versions(name)]
+        rows.append({"name": name, "versions": versions, "aliases": registry.aliases(name)})
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print(f"no models in {args.registry}")
+        return 0
+    width = max(len("MODEL"), *(len(r["name"]) for r in rows))
+    print(f"{'MODEL':<{width}}  {'VERSIONS':<8}  {'LATEST':<6}  ALIASES")
+    for r in rows:
+        aliases = ", ".join(f"{a}={v}" for a, v in sorted(r["aliases"].items())) or "-"
+        latest = r["versions"][-1] if r["versions"] else "-"
+        print(f"{r['name']:<{width}}  {len(r['versions']):<8}  {latest:<6}  {aliases}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry)
+    versions = registry.list_versions(args.name)
+    aliases = registry.aliases(args.name)
+    history = {alias: registry.alias_history(args.name, alias) for alias in sorted(aliases)}
+    if args.json:
+        _print_json(
+            {
+                "name": args.name,
+                "aliases": aliases,
+                "alias_history": {
+                    a: [{"version": v, "at": at} for v, at in h] for a, h in history.items()
+                },
+                "versions": [mv.to_dict() for mv in versions],
+            }
+        )
+        return 0
+    print(f"{args.name}: {len(versions)} version{'s' if len(versions) != 1 else ''}")
+    for mv in versions:
+        pointing = sorted(a for a, v in aliases.items() if v == mv.version)
+        print(f"  version {mv.version}  [{', '.join(pointing) or '-'}]  {_summary(mv)}")
+        if mv.description:
+            print(f"    {mv.description}")
+    for alias, moves in history.items():
+        trail = " -> ".join(v for v, _at in moves)
+        print(f"  {alias}: {trail}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry)
+    features = tuple(f.strip() for f in args.features.split(",") if f.strip())
+    mv = registry.register(
+        args.name,
+        args.path,
+        signature=_read_signature(args.path),
+        metrics=dict(args.metric),
+        tags=dict(args.tag),
+        features=features,
+        source=args.source,
+        description=args.description,
+    )
+    print(f"registered {mv.name} version {mv.version}  {_summary(mv)}")
+    if args.alias:
+        _move(registry, mv.name, args.alias, mv.version)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry)
+    _move(registry, args.name, args.alias, args.version)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry)
+    before = registry.aliases(args.name).get(args.alias, "-")
+    target = rollback(registry, args.name, args.alias)
+    print(f"{args.name}@{args.alias}: rolled back {before} -> {target}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m registry_client.cli")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+# -- internals -------------------------------------------------------------------------------
+
+
+def _guarded(command: _Handler) -> _Handler:
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except RegistryError as exc:
+            print(f"{PROG} {args.registry_command}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _move(registry: Registry, name: str, alias: str, version: str) -> None:
+    before = registry.aliases(name).get(alias, "-")
+    registry.set_alias(name, alias, version)
+    print(f"{name}@{alias}: {before} -> {version}")
+
+
+def _read_signature(path: Path) -> Signature:
+    if not path.is_file():
+        raise RegistryError(f"{path} is not a file")
+    try:
+        from registry_client.demo import onnx_signature
+    except ImportError as exc:  # pragma: no cover - onnx is in the "train" extra
+        raise RegistryError(f"reading {path} needs the 'onnx' package ({exc})") from exc
+    try:
+        return onnx_signature(path)
+    except RegistryError:
+        raise
+    except Exception as exc:  # onnx raises protobuf DecodeError and others for a bad file
+        raise RegistryError(f"{path} is not a readable ONNX model: {exc}") from exc
+
+
+def _summary(mv: ModelVersion) -> str:
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(mv.metrics.items()))
+    inputs = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in mv.signature.inputs)
+    parts = [mv.created, f"sha256={mv.sha256[:12]}", f"inputs {inputs or '-'}", metrics]
+    return "  ".join(p for p in parts if p)
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _metric(text: str) -> tuple[str, float]:
+    key, value = _key_value(text)
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"metric {key!r}: {value!r} is not a number") from None
+
+
+def _tag(text: str) -> tuple[str, str]:
+    return _key_value(text)
+
+
+def _alias(text: str) -> str:
+    try:
+        return validate_alias(text)
+    except RegistryError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _version(text: str) -> str:
+    try:
+        return validate_version(text)
+    except RegistryError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""MlflowRegistry against a real `mlflow server` (sqlite store, proxied local artifacts).
+
+One server per session: it starts while the demo models train, and the kill/restart test brings
+it back on the same port. Every test registers under its own model name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from registry_client import (
+    AliasNotFound,
+    ChecksumMismatch,
+    FileRegistry,
+    MlflowRegistry,
+    ModelNotFound,
+    ModelVersion,
+    NothingToRollBack,
+    Registry,
+    RegistryUnavailable,
+    VersionNotFound,
+    rollback,
+)
+from registry_client.cli import main as registry_cli
+from registry_client.http import HttpStatusError, JsonHttpClient, backoff_delay
+from registry_client.mlflow_registry import ALIAS_HISTORY_TAG, API
+
+STARTUP_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class MlflowServer:
+    """An `mlflow server` subprocess on a fixed port, killable and restartable."""
+
+    root: Path
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    startup_s: list[float] = field(default_factory=list)
+    _started_at: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "mlflow.log"
+
+    def launch(self) -> None:
+        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        cmd = [
+            mlflow, "server",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--workers", "1",
+        ]  # fmt: skip
+        # No background job runner: it forks several huey consumers that tests never need.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: uvicorn workers die with it
+            )  # fmt: skip
+        self._started_at = time.monotonic()
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = self._started_at + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited {self.proc.returncode}:\n{self._tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"mlflow server not up in {STARTUP_TIMEOUT_S}s:\n{self._tail()}")
+            time.sleep(0.1)
+        self.startup_s.append(time.monotonic() - self._started_at)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def _tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="session")
+def mlflow_launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The server process, started but maybe not ready (it boots while other fixtures work)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.launch()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_launched: MlflowServer, demo_registry: Path) -> MlflowServer:
+    # Depending on demo_registry here makes the (slow) demo training overlap the server's boot.
+    mlflow_launched.wait_ready()
+    return mlflow_launched
+
+
+@pytest.fixture
+def registry(mlflow_server: MlflowServer, tmp_path: Path) -> MlflowRegistry:
+    return MlflowRegistry(mlflow_server.url, cache_dir=tmp_path / "cache", retries=1)
+
+
+@pytest.fixture
+def demo(demo_registry: Path) -> FileRegistry:
+    return FileRegistry(demo_registry)
+
+
+@pytest.fixture
+def name() -> str:
+    return f"churn-{uuid.uuid4().hex[:8]}"
+
+
+def copy_in(registry: Registry, name: str, mv: ModelVersion) -> ModelVersion:
+    """Register a demo version (its bytes and metadata) under `name`."""
+    return registry.register(
+        name,
+        Path(mv.artifact),
+        signature=mv.signature,
+        metrics=mv.metrics,
+        tags=mv.tags,
+        features=mv.features,
+        source=mv.source,
+        description=mv.description,
+    )
+
+
+def rest(server: MlflowServer) -> JsonHttpClient:
+    return JsonHttpClient(server.url, retries=0)
+
+
+def test_register_the_demo_model_then_resolve_by_alias_version_and_stage(
+    registry: MlflowRegistry, demo: FileRegistry, mlflow_server: MlflowServer, name: str
+) -> None:
+    v1 = demo.get_version("churn", "1")
+    mv = copy_in(registry, name, v1)
+    assert (mv.name, mv.version) == (name, "1")
+    assert (mv.sha256, mv.signature, mv.metrics) == (v1.sha256, v1.signature, v1.metrics)
+    assert (mv.tags, mv.features, mv.source) == (v1.tags, v1.features, v1.source)
+    assert mv.description == v1.description
+    assert mv.artifact.startswith("mlflow-artifacts:/batchline-registry/")
+    assert mv.artifact.endswith("/model/model.onnx")
+    assert mv.created.endswith("Z")
+    assert name in registry.list_models()
+    assert registry.list_versions(name) == [mv]
+
+    registry.set_alias(name, "production", "1")
+    assert registry.aliases(name) == {"production": "1"}
+    assert registry.resolve(f"{name}@production") == mv
+    assert registry.resolve(name) == mv
+    assert registry.resolve(f"{name}@1") == mv
+
+    # No `staging` alias: the deprecated stage answers instead, until an alias is set.
+    v2 = copy_in(registry, name, demo.get_version("churn", "2"))
+    with pytest.raises(AliasNotFound):
+        registry.resolve(f"{name}@staging")
+    rest(mlflow_server).post(
+        f"{API}/model-versions/transition-stage",
+        {"name": name, "version": "2", "stage": "Staging", "archive_existing_versions": False},
+    )
+    assert registry.resolve(f"{name}@Staging") == v2
+    registry.set_alias(name, "staging", "1")
+    assert registry.resolve(f"{name}@staging") == mv
+
+
+def test_fetch_caches_the_artifact_and_verifies_its_sha256(
+    registry: MlflowRegistry, demo: FileRegistry, mlflow_server: MlflowServer, name: str
+) -> None:
+    v1 = demo.get_version("churn", "1")
+    mv = copy_in(registry, name, v1)
+    path = registry.fetch(mv)
+    assert path == registry.cache_dir / name / "1" / "model.onnx"
+    assert path.read_bytes() == Path(v1.artifact).read_bytes()
+    assert registry.fetch(mv) == path
+
+    # A corrupt cached copy is never returned: it is downloaded again.
+    path.write_bytes(b"corrupt")
+    assert registry.fetch(mv).read_bytes() == Path(v1.artifact).read_bytes()
+
+    # A corrupt copy on the server is refused, and leaves nothing in the cache.
+    stored = mlflow_server.root / "artifacts" / mv.artifact.removeprefix("mlflow-artifacts:/")
+    stored.write_bytes(b"tampered with on the server")
+    path.unlink()
+    with pytest.raises(ChecksumMismatch, match=mv.artifact):
+        registry.fetch(mv)
+    assert list(path.parent.iterdir()) == []
+
+
+def test_fetch_follows_a_runs_uri_source_through_the_server(
+    registry: MlflowRegistry, demo: FileRegistry, mlflow_server: MlflowServer, name: str
+) -> None:
+    """A version registered outside batchline with a runs:/ source still downloads."""
+    v1 = demo.get_version("churn", "1")
+    copy_in(registry, name, v1)
+    client = rest(mlflow_server)
+    record = client.get(f"{API}/model-versions/get", {"name": name, "version": "1"})
+    run_id = record["model_version"]["run_id"]
+    client.post(
+        f"{API}/model-versions/create",
+        {
+            "name": name,
+            "source": f"runs:/{run_id}/model",
+            "run_id": run_id,
+            "tags": [{"key": "sha256", "value": v1.sha256}],
+        },
+    )
+    mv = registry.get_version(name, "2")
+    assert mv.artifact == f"runs:/{run_id}/model/model.onnx"
+    assert (mv.source, mv.signature.inputs) == (f"runs:/{run_id}", ())
+    assert registry.fetch(mv).read_bytes() == Path(v1.artifact).read_bytes()
+
+
+def test_fetch_reads_a_store_only_the_server_can_see_through_the_server(
+    registry: MlflowRegistry, demo: FileRegistry, mlflow_server: MlflowServer, name: str
+) -> None:
+    """A version whose artifacts sit in a plain folder on the server (as with
+    --default-artifact-root) downloads through the server's model-version artifact route."""
+    v1 = demo.get_version("churn", "1")
+    client = rest(mlflow_server)
+    folder = mlflow_server.root / f"local-{name}"
+    experiment = client.post(
+        f"{API}/experiments/create", {"name": f"local-{name}", "artifact_location": folder.as_uri()}
+    )
+    run = client.post(f"{API}/runs/create", {"experiment_id": experiment["experiment_id"]})
+    root = run["run"]["info"]["artifact_uri"]
+    assert root.startswith("file://")
+    model_dir = Path(urllib.parse.urlsplit(root).path) / "model"
+    model_dir.mkdir(parents=True)
+    shutil.copyfile(v1.artifact, model_dir / "model.onnx")
+    client.post(f"{API}/registered-models/create", {"name": name})
+    client.post(
+        f"{API}/model-versions/create",
+        {
+            "name": name,
+            "source": f"{root}/model",
+            "run_id": run["run"]["info"]["run_id"],
+            "tags": [{"key": "sha256", "value": v1.sha256}],
+        },
+    )
+    mv = registry.get_version(name, "1")
+    assert mv.artifact == f"{root}/model/model.onnx"
+    assert registry.fetch(mv).read_bytes() == Path(v1.artifact).read_bytes()
+
+
+def test_moving_the_alias_keeps_history_and_rollback_returns_the_previous_version(
+    registry: MlflowRegistry, demo: FileRegistry, mlflow_server: MlflowServer, name: str
+) -> None:
+    for version in ("1", "2"):
+        copy_in(registry, name, demo.get_version("churn", version))
+    registry.set_alias(name, "production", "1")
+    with pytest.raises(NothingToRollBack, match="'production'"):
+        rollback(registry, name)
+    registry.set_alias(name, "production", "2")
+    registry.set_alias(name, "production", "2")  # a no-op set is not a move
+    assert [v for v, _ in registry.alias_history(name, "production")] == ["1", "2"]
+
+    assert rollback(registry, name) == "1"
+    assert registry.resolve(f"{name}@production").version == "1"
+    assert [v for v, _ in registry.alias_history(name, "production")] == ["1", "2", "1"]
+
+    # The history is a registered-model tag anyone can read in MLflow.
+    model = rest(mlflow_server).get(f"{API}/registered-models/get", {"name": name})
+    tags = {t["key"]: t["value"] for t in model["registered_model"]["tags"]}
+    history = json.loads(tags[ALIAS_HISTORY_TAG + "production"])
+    assert [h["version"] for h in history] == ["1", "2", "1"]
+    assert all(h["at"].endswith("Z") for h in history)
+
+    # A move made outside batchline (the MLflow UI, say) is noticed, with no time.
+    rest(mlflow_server).post(
+        f"{API}/registered-models/alias", {"name": name, "alias": "production", "version": "2"}
+    )
+    assert registry.alias_history(name, "production")[-1] == ("2", "")
+    assert rollback(registry, name) == "1"
+
+
+def test_unknown_model_alias_and_version_errors_name_them(
+    registry: MlflowRegistry, demo: FileRegistry, name: str
+) -> None:
+    missing = f"{name}-missing"
+    for call in (
+        lambda: registry.resolve(f"{missing}@production"),
+        lambda: registry.resolve(f"{missing}@3"),
+        lambda: registry.list_versions(missing),
+        lambda: registry.aliases(missing),
+        lambda: registry.set_alias(missing, "production", "1"),
+    ):
+        with pytest.raises(ModelNotFound, match=missing):
+            call()
+    copy_in(registry, name, demo.get_version("churn", "1"))
+    with pytest.raises(VersionNotFound, match=rf"{name}.*'9'.*registered: 1"):
+        registry.resolve(f"{name}@9")
+    with pytest.raises(VersionNotFound, match="'9'"):
+        registry.set_alias(name, "production", "9")
+    with pytest.raises(AliasNotFound, match=rf"{name}.*'canary'"):
+        registry.resolve(f"{name}@canary")
+    with pytest.raises(AliasNotFound, match="'canary'"):
+        registry.alias_history(name, "canary")
+
+
+def test_mlflow_killed_is_unavailable_then_the_same_client_recovers_on_restart(
+    mlflow_server: MlflowServer, demo: FileRegistry, tmp_path: Path, name: str
+) -> None:
+    sleeps: list[float] = []
+    registry = MlflowRegistry(
+        mlflow_server.url, cache_dir=tmp_path / "cache", retries=2, sleep=sleeps.append
+    )
+    mv = copy_in(registry, name, demo.get_version("churn", "1"))
+    registry.set_alias(name, "production", "1")
+    cached = registry.fetch(mv)
+
+    mlflow_server.kill()
+    try:
+        with pytest.raises(RegistryUnavailable, match=mlflow_server.url) as exc:
+            registry.resolve(f"{name}@production")
+        assert "connection refused" in str(exc.value)
+        assert sleeps == [backoff_delay(1), backoff_delay(2)]
+        # A verified artifact in the cache needs no server.
+        assert registry.fetch(mv) == cached
+    finally:
+        mlflow_server.launch()
+        mlflow_server.wait_ready()
+    assert registry.resolve(f"{name}@production") == mv
+    registry.set_alias(name, "canary", "1")
+    assert registry.aliases(name) == {"production": "1", "canary": "1"}
+
+
+def test_cli_round_trip_against_mlflow(
+    mlflow_server: MlflowServer,
+    demo: FileRegistry,
+    name: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = f"mlflow+{mlflow_server.url}"
+    artifact = demo.get_version("churn", "1").artifact
+
+    def cli(*argv: str) -> str:
+        capsys.readouterr()
+        code = registry_cli(["registry", *argv, "--registry", spec])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    out = cli("register", name, artifact, "--metric", "auc=0.9", "--alias", "production")
+    assert out.startswith(f"registered {name} version 1 ")
+    cli("register", name, artifact)
+    assert cli("promote", name, "2").strip() == f"{name}@production: 1 -> 2"
+    listed = {m["name"]: m for m in json.loads(cli("list", "--json"))}
+    assert listed[name] == {"name": name, "versions": ["1", "2"], "aliases": {"production": "2"}}
+    assert cli("rollback", name).strip() == f"{name}@production: rolled back 2 -> 1"
+    shown = json.loads(cli("show", name, "--json"))
+    assert shown["aliases"] == {"production": "1"}
+    assert shown["versions"][0]["signature"]["inputs"][0]["shape"] == [-1, 15]
+    assert shown["versions"][0]["metrics"] == {"auc": 0.9}
+
+    capsys.readouterr()
+    assert registry_cli(["registry", "show", f"{name}-x", "--registry", spec]) == 1
+    assert f"{name}-x" in capsys.readouterr().err
+
+
+# -- the HTTP client's failure handling, against small real servers ------------------------------
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    assert [backoff_delay(n) for n in range(7)] == [0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    assert backoff_delay(50, base_s=1.0, cap_s=30.0) == 30.0
+
+
+def test_refused_connection_is_retried_then_unavailable_naming_the_url() -> None:
+    port = _free_port()  # nothing listens there now
+    sleeps: list[float] = []
+    client = JsonHttpClient(f"http://127.0.0.1:{port}", retries=3, sleep=sleeps.append)
+    with pytest.raises(RegistryUnavailable, match=f"http://127.0.0.1:{port}") as exc:
+        client.post("/x", {}, idempotent=False)  # refused: never sent, so safe to resend
+    assert "after 4 attempts: connection refused" in str(exc.value)
+    assert sleeps == [0.1, 0.2, 0.4]
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """Answers each request with the next (status, body, delay) of the server's script."""
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def _answer(self) -> None:
+        server: ScriptedServer = self.server  # type: ignore[assignment]
+        status, body, delay = server.script.pop(0) if server.script else (200, b"{}", 0.0)
+        server.hits += 1
+        time.sleep(delay)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and left, as the timeout test intends
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class ScriptedServer(ThreadingHTTPServer):
+    daemon_threads = True
+    script: list[tuple[int, bytes, float]]
+    hits: int = 0
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedServer]:
+    server = ScriptedServer(("127.0.0.1", 0), _Scripted)
+    server.script = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_5xx_is_retried_and_a_later_success_returned(scripted: ScriptedServer) -> None:
+    scripted.script = [(503, b"{}", 0.0), (500, b'{"error_code": "INTERNAL_ERROR"}', 0.0)]
+    client = JsonHttpClient(f"http://127.0.0.1:{scripted.server_port}", sleep=lambda _s: None)
+    assert client.get("/ok") == {}
+    assert scripted.hits == 3
+
+
+def test_a_timeout_is_not_retried_for_a_non_idempotent_post(scripted: ScriptedServer) -> None:
+    scripted.script = [(200, b"{}", 1.0)]
+    url = f"http://127.0.0.1:{scripted.server_port}"
+    client = JsonHttpClient(url, timeout_s=0.2, sleep=lambda _s: None)
+    with pytest.raises(RegistryUnavailable, match=rf"{url}.*after 1 attempt: timed out"):
+        client.post("/create", {"name": "x"})
+    assert scripted.hits == 1
+
+
+def test_a_4xx_is_raised_at_once_with_the_servers_error_code(scripted: ScriptedServer) -> None:
+    body = b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such thing"}'
+    scripted.script = [(404, body, 0.0)]
+    client = JsonHttpClient(f"http://127.0.0.1:{scripted.server_port}", sleep=lambda _s: None)
+    with pytest.raises(HttpStatusError) as exc:
+        client.get("/thing", {"name": "a b"})
+    assert (exc.value.status, exc.value.error_code) == (404, "RESOURCE_DOES_NOT_EXIST")
+    assert "/thing?name=a+b" in str(exc.value)
+    assert "no such thing" in str(exc.value)
+    assert scripted.hits == 1

@@ -1,0 +1,264 @@
+"""`batchline registry ...` run in-process against a FileRegistry in tmp_path, plus rollback.
+
+The MLflow round trip of the same CLI lives in tests/integration/test_mlflow_registry.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry_client import (
+    AliasNotFound,
+    FileRegistry,
+    MlflowRegistry,
+    NothingToRollBack,
+    RegistryError,
+    Signature,
+    TensorInfo,
+    open_registry,
+    rollback,
+)
+from registry_client.cli import main
+from registry_client.rollback import previous_version
+
+
+def tiny_onnx(path: Path, width: int = 3) -> Path:
+    """A one-node ONNX model (Identity), input FP32 [batch, width]: fast, no training."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])], "tiny", [x], [y]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "registry"
+
+
+@pytest.fixture
+def onnx_file(tmp_path: Path) -> Path:
+    return tiny_onnx(tmp_path / "model.onnx")
+
+
+class Cli:
+    """Runs the CLI in-process and returns (exit code, stdout, stderr)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str], registry: str) -> None:
+        self._capsys = capsys
+        self.registry = registry
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self._capsys.readouterr()
+        code = main(["registry", *argv, "--registry", self.registry])
+        out, err = self._capsys.readouterr()
+        return code, out, err
+
+    def json(self, *argv: str) -> Any:
+        code, out, err = self(*argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], root: Path) -> Cli:
+    return Cli(capsys, str(root))
+
+
+def test_register_reads_the_onnx_signature_and_records_metrics_and_tags(
+    cli: Cli, root: Path, onnx_file: Path
+) -> None:
+    code, out, err = cli(
+        "register", "churn", str(onnx_file),
+        "--metric", "accuracy=0.91", "--tag", "team=risk", "--features", "a, b,c",
+        "--description", "tiny identity",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("registered churn version 1 ")
+    mv = FileRegistry(root).get_version("churn", "1")
+    assert mv.signature == Signature(
+        inputs=(TensorInfo("input", "FP32", (-1, 3)),),
+        outputs=(TensorInfo("output", "FP32", (-1, 3)),),
+    )
+    assert mv.metrics == {"accuracy": 0.91}
+    assert mv.tags == {"team": "risk"}
+    assert mv.features == ("a", "b", "c")
+    assert mv.description == "tiny identity"
+
+
+def test_register_with_alias_points_it_at_the_new_version(
+    cli: Cli, root: Path, onnx_file: Path
+) -> None:
+    assert cli("register", "churn", str(onnx_file))[0] == 0
+    code, out, _ = cli("register", "churn", str(onnx_file), "--alias", "Production")
+    assert code == 0
+    assert "churn@production: - -> 2" in out
+    assert FileRegistry(root).aliases("churn") == {"production": "2"}
+
+
+def test_list_shows_every_model_with_versions_and_aliases(cli: Cli, onnx_file: Path) -> None:
+    assert cli("list")[1].strip() == f"no models in {cli.registry}"
+    cli("register", "churn", str(onnx_file), "--alias", "production")
+    cli("register", "churn", str(onnx_file), "--alias", "candidate")
+    cli("register", "fraud", str(onnx_file))
+    code, out, _ = cli("list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["MODEL", "VERSIONS", "LATEST", "ALIASES"]
+    assert lines[1].split() == ["churn", "2", "2", "candidate=2,", "production=1"]
+    assert lines[2].split() == ["fraud", "1", "1", "-"]
+    assert cli.json("list") == [
+        {"name": "churn", "versions": ["1", "2"], "aliases": {"candidate": "2", "production": "1"}},
+        {"name": "fraud", "versions": ["1"], "aliases": {}},
+    ]
+
+
+def test_show_lists_versions_aliases_and_alias_history(cli: Cli, onnx_file: Path) -> None:
+    cli("register", "churn", str(onnx_file), "--metric", "auc=0.5", "--alias", "production")
+    cli("register", "churn", str(onnx_file), "--alias", "production")
+    code, out, _ = cli("show", "churn")
+    assert code == 0
+    assert out.splitlines()[0] == "churn: 2 versions"
+    assert "  version 1  [-]  " in out
+    assert "auc=0.5000" in out
+    assert "  version 2  [production]  " in out
+    assert "  production: 1 -> 2" in out
+    doc = cli.json("show", "churn")
+    assert doc["aliases"] == {"production": "2"}
+    assert [h["version"] for h in doc["alias_history"]["production"]] == ["1", "2"]
+    assert [v["version"] for v in doc["versions"]] == ["1", "2"]
+    assert doc["versions"][0]["signature"]["inputs"][0]["shape"] == [-1, 3]
+
+
+def test_promote_moves_the_alias(cli: Cli, root: Path, onnx_file: Path) -> None:
+    cli("register", "churn", str(onnx_file), "--alias", "production")
+    cli("register", "churn", str(onnx_file))
+    code, out, _ = cli("promote", "churn", "2")
+    assert (code, out.strip()) == (0, "churn@production: 1 -> 2")
+    code, out, _ = cli("promote", "churn", "1", "--alias", "canary")
+    assert (code, out.strip()) == (0, "churn@canary: - -> 1")
+    assert FileRegistry(root).aliases("churn") == {"production": "2", "canary": "1"}
+
+
+def test_rollback_returns_the_alias_to_its_previous_version(
+    cli: Cli, root: Path, onnx_file: Path
+) -> None:
+    for _ in range(3):
+        cli("register", "churn", str(onnx_file), "--alias", "production")
+    code, out, _ = cli("rollback", "churn")
+    assert (code, out.strip()) == (0, "churn@production: rolled back 3 -> 2")
+    assert FileRegistry(root).aliases("churn")["production"] == "2"
+
+
+def test_errors_name_the_model_version_or_alias_and_exit_1(cli: Cli, onnx_file: Path) -> None:
+    code, _, err = cli("show", "nope")
+    assert code == 1
+    assert "'nope'" in err
+    cli("register", "churn", str(onnx_file), "--alias", "production")
+    code, _, err = cli("promote", "churn", "7")
+    assert code == 1
+    assert "no version '7'" in err
+    code, _, err = cli("rollback", "churn")
+    assert code == 1
+    assert "alias 'production'" in err
+    assert "nothing to roll back" in err
+    code, _, err = cli("rollback", "churn", "--alias", "canary")
+    assert code == 1
+    assert "no alias 'canary'" in err
+
+
+def test_register_refuses_a_file_that_is_not_onnx(cli: Cli, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff\x00 not a protobuf")
+    code, _, err = cli("register", "churn", str(junk))
+    assert code == 1
+    assert str(junk) in err
+    code, _, err = cli("register", "churn", str(tmp_path / "missing.onnx"))
+    assert code == 1
+    assert "missing.onnx" in err
+
+
+@pytest.mark.parametrize("bad", [["--metric", "auc"], ["--metric", "auc=high"], ["--tag", "=x"]])
+def test_register_rejects_malformed_key_values(cli: Cli, onnx_file: Path, bad: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli("register", "churn", str(onnx_file), *bad)
+    assert exc.value.code == 2
+
+
+def test_rollback_twice_undoes_the_rollback(tmp_path: Path, onnx_file: Path) -> None:
+    registry = FileRegistry(tmp_path / "r")
+    sig = Signature(inputs=(), outputs=())
+    for _ in range(3):
+        mv = registry.register("churn", onnx_file, signature=sig)
+        registry.set_alias("churn", "production", mv.version)
+    assert rollback(registry, "churn") == "2"
+    assert rollback(registry, "churn") == "3"
+    assert registry.aliases("churn")["production"] == "3"
+
+
+def test_rollback_without_an_earlier_version_names_the_alias(
+    tmp_path: Path, onnx_file: Path
+) -> None:
+    registry = FileRegistry(tmp_path / "r")
+    mv = registry.register("churn", onnx_file, signature=Signature(inputs=(), outputs=()))
+    with pytest.raises(AliasNotFound, match="'production'"):
+        rollback(registry, "churn")
+    registry.set_alias("churn", "production", mv.version)
+    with pytest.raises(NothingToRollBack, match=r"alias 'production'.*version 1"):
+        rollback(registry, "churn")
+
+
+@pytest.mark.parametrize(
+    ("history", "current", "expected"),
+    [
+        (["1"], "1", None),
+        (["1", "2"], "2", "1"),
+        (["1", "2", "3"], "3", "2"),
+        (["1", "2", "1"], "1", "2"),
+        (["1", "2", "2"], "2", "1"),
+        (["1", "2"], "5", "2"),  # moved outside the history: back to the last recorded
+        ([], "1", None),
+    ],
+)
+def test_previous_version_is_the_last_other_version_held(
+    history: list[str], current: str, expected: str | None
+) -> None:
+    assert previous_version([(v, "") for v in history], current) == expected
+
+
+def test_open_registry_picks_the_backend_from_the_spec(tmp_path: Path) -> None:
+    assert isinstance(open_registry(str(tmp_path)), FileRegistry)
+    file_registry = open_registry(f"file://{tmp_path}")
+    assert isinstance(file_registry, FileRegistry)
+    assert file_registry.root == tmp_path.resolve()
+    mlflow = open_registry("mlflow+http://127.0.0.1:5000", cache_dir=tmp_path / "cache")
+    assert isinstance(mlflow, MlflowRegistry)
+    assert mlflow.base_url == "http://127.0.0.1:5000"
+    assert mlflow.cache_dir == (tmp_path / "cache").resolve()
+    secure = open_registry("mlflow+https://mlflow.example:8443/prefix", cache_dir=tmp_path)
+    assert isinstance(secure, MlflowRegistry)
+    assert secure.base_url == "https://mlflow.example:8443/prefix"
+
+
+def test_open_registry_default_cache_is_per_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    registry = open_registry("mlflow+http://127.0.0.1:5000")
+    assert isinstance(registry, MlflowRegistry)
+    assert registry.cache_dir == tmp_path / "batchline" / "mlflow" / "127.0.0.1_5000"
+
+
+@pytest.mark.parametrize("spec", ["http://127.0.0.1:5000", "s3://bucket/x", "mlflow+http://", ""])
+def test_open_registry_refuses_what_it_cannot_open(spec: str) -> None:
+    with pytest.raises(RegistryError):
+        open_registry(spec)
