@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from registry_client import cli as registry_cli
+from server import shadow as shadow_report
 from server.config import Settings, load_settings
 from server.errors import ConfigError, ServingError
 
@@ -252,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     registry_cli.add_subcommands(sub)
+
+    shadow = sub.add_parser("shadow", help="shadow evaluation")
+    shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True)
+    report = shadow_sub.add_parser("report", help="primary vs shadow side by side, per version")
+    shadow_report.configure_parser(report)
 
     health = sub.add_parser("health", help="gRPC health check (exit 0 when SERVING)")
     health.add_argument("--address", default="127.0.0.1:8001")
