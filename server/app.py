@@ -148,6 +148,8 @@ class App:
             tls=TlsFiles(server_settings.tls_cert, server_settings.tls_key, server_settings.tls_ca)
             if server_settings.tls_cert
             else None,
+            max_connection_age_s=server_settings.max_connection_age_s,
+            max_connection_age_grace_s=server_settings.max_connection_age_grace_s,
         )
         await self._server.start()
         if server_settings.metrics_port >= 0:

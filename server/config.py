@@ -113,6 +113,10 @@ class ServerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # Close client connections after this many seconds (0: never) so clients reconnect and
+    # spread over new replicas after a scale-out; in-flight calls get max_connection_age_grace_s.
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 30.0
     # Where shadow pairs go besides memory (JSON lines, rotated); read by `batchline shadow report`.
     shadow_log: str = ""
     shadow_log_max_pairs: int = 10000

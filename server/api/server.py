@@ -85,6 +85,8 @@ def build_server(
     reuse_port: bool,
     admin: AdminServicer | None = None,
     tls: TlsFiles | None = None,
+    max_connection_age_s: float = 0.0,
+    max_connection_age_grace_s: float = 30.0,
 ) -> tuple[grpc.aio.Server, int]:
     """Return the server and the port it really bound (port 0 picks a free one)."""
     server = grpc.aio.server(
@@ -93,6 +95,14 @@ def build_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        + (
+            [
+                ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000)),
+            ]
+            if max_connection_age_s > 0
+            else []
+        )
     )
     handlers = method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
