@@ -109,6 +109,7 @@ class App:
             settings.server.shadow_log_max_pairs, path=settings.server.shadow_log or None
         )
         self.pipeline.pair_log = self.pair_log
+        self.metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
         self.models.pair_sink = self.pair_log.append  # type: ignore[method-assign]
         self.metrics.registry.register(MirrorCollector(self.models.slots))
         self.health = Health()
