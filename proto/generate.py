@@ -69,7 +69,10 @@ def main() -> int:
                 stale = True
                 sys.stdout.writelines(
                     difflib.unified_diff(
-                        old.splitlines(True), path.read_text().splitlines(True), str(current), "fresh"
+                        old.splitlines(True),
+                        path.read_text().splitlines(True),
+                        str(current),
+                        "fresh",
                     )
                 )
         if stale:

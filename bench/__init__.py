@@ -1,0 +1,1 @@
+"""Reproducible benchmarks for batchline; nothing in the product imports this package."""
