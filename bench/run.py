@@ -42,6 +42,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     port: int
     pid: int
+    metrics_port: int = 0
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -72,22 +73,39 @@ def start(cmd: list[str], tag: str) -> Proc:
         time.sleep(0.05)
     info = json.loads(ready.read_text())
     ready.unlink()
-    return Proc(popen, info["grpc_port"], info["pid"])
+    return Proc(popen, info["grpc_port"], info["pid"], info.get("metrics_port", 0))
 
 
 def start_echo() -> Proc:
     return start([sys.executable, "-m", "bench.echo_server", "--port", "0"], "echo")
 
 
-def start_batchline(registry: Path, batching: bool) -> Proc:
+def start_batchline(
+    registry: Path, batching: bool, *extra: str, models: tuple[str, ...] = MODELS, tag: str = ""
+) -> Proc:
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1", "--log-level", "warning",
-        *(a for m in MODELS for a in ("--model", f"{m}@production")),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--log-level", "warning",
+        *(a for m in models for a in ("--model", f"{m}@production")), *extra,
     ]  # fmt: skip
     if not batching:
         cmd.append("--no-batching")
-    return start(cmd, f"batchline-{'on' if batching else 'off'}")
+    return start(cmd, tag or f"batchline-{'on' if batching else 'off'}")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The server's metrics as {name{labels}: value} (for round-trip ratios)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
 
 
 def model_counts(port: int, model: str) -> tuple[int, int]:
@@ -138,6 +156,7 @@ def load(
     seconds: float,
     procs: int,
     rows: int = 1,
+    request: bytes | None = None,
 ) -> Point:
     from loadtest import Options, run
 
@@ -145,7 +164,8 @@ def load(
     options = Options(
         f"127.0.0.1:{proc.port}",
         call=f"inference.GRPCInferenceService/{method}",
-        model=model,
+        model=None if request is not None else model,
+        request=request,
         rows=rows,
         concurrency=concurrency,
         duration_s=seconds,
@@ -304,6 +324,128 @@ def update_readme(markdown: str) -> None:
     readme.write_text(new)
 
 
+def entity_scenario(registry: Path, seconds: float, procs: int) -> dict[str, Any]:
+    """Entity-keyed requests (features from a redis-server the bench starts) vs inline features,
+    churn at c=64, with feature-store round trips per request from the server's metrics."""
+    import shutil
+    import socket
+    import tempfile
+
+    from registry_client.demo import load_reference
+    from server._proto import inference_pb2 as pb
+
+    work = Path(tempfile.mkdtemp(prefix="bench-features-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    redis = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        reg = work / "registry"
+        shutil.copytree(registry, reg)
+        from server.features.view import Feature, FeatureView
+
+        view = FeatureView(
+            "churn_features", "customer_id", tuple(Feature(f"f{i}") for i in range(15))
+        )
+        version = json.loads((reg / "churn" / "aliases.json").read_text())["aliases"]["production"]
+        (reg / "churn" / version / "feature_view.json").write_text(view.to_json())
+        X, _ = load_reference(registry, "churn", version)
+        table = work / "customers.csv"
+        table.write_text(
+            "customer_id," + ",".join(f"f{i}" for i in range(15)) + "\n"
+            + "".join(f"c{i}," + ",".join(repr(float(v)) for v in row) + "\n" for i, row in enumerate(X))
+        )  # fmt: skip
+        url = f"redis://127.0.0.1:{port}/0"
+        subprocess.run(
+            [sys.executable, "-m", "server.cli", "features", "materialize", "--registry", str(reg),
+             "--model", "churn@production", "--input", str(table), "--store", url],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+        server = start_batchline(
+            reg, True, "--feature-store", url, models=("churn",), tag="features"
+        )
+        try:
+            by_entity = pb.ModelInferRequest(model_name="churn", id="e")
+            t = by_entity.inputs.add(name="customer_id", datatype="BYTES", shape=[1])
+            t.contents.bytes_contents.append(b"c7")
+            inline = pb.ModelInferRequest(model_name="churn", id="i")
+            inline.inputs.add(name="input", datatype="FP32", shape=[1, 15])
+            inline.raw_input_contents.append(np.ascontiguousarray(X[7:8]).tobytes())
+            base = load(
+                server,
+                "on",
+                "churn",
+                "unary",
+                64,
+                seconds,
+                procs,
+                request=inline.SerializeToString(),
+            )
+            before = scrape(server.metrics_port)
+            ent = load(
+                server,
+                "on",
+                "churn",
+                "unary",
+                64,
+                seconds,
+                procs,
+                request=by_entity.SerializeToString(),
+            )
+            after = scrape(server.metrics_port)
+        finally:
+            server.stop()
+        trips = after.get("batchline_feature_round_trips_total", 0) - before.get(
+            "batchline_feature_round_trips_total", 0
+        )
+        answered = ent.ok + ent.errors
+        return {
+            "inline": asdict(base),
+            "entity": asdict(ent),
+            "entity_over_inline_rps": ent.rps / base.rps if base.rps else None,
+            "round_trips_per_request": trips / answered if answered else None,
+        }
+    finally:
+        redis.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def shadow_scenario(registry: Path, seconds: float, procs: int) -> dict[str, Any]:
+    """churn at c=64 with one shadow (churn version 2) mirrored vs none."""
+    out: dict[str, Any] = {}
+    for name, extra in (("off", ()), ("on", ("--shadow", "2"))):
+        server = start_batchline(registry, True, *extra, models=("churn",), tag=f"shadow-{name}")
+        try:
+            out[name] = asdict(load(server, "on", "churn", "unary", 64, seconds, procs))
+            if name == "on":
+                metrics = scrape(server.metrics_port)
+                out["mirrored"] = {
+                    k.split("_total")[0]: v
+                    for k, v in metrics.items()
+                    if k.startswith("batchline_shadow_requests")
+                }
+        finally:
+            server.stop()
+    out["rps_on_over_off"] = out["on"]["rps"] / out["off"]["rps"] if out["off"]["rps"] else None
+    out["p99_on_over_off"] = (
+        out["on"]["p99_ms"] / out["off"]["p99_ms"] if out["off"]["p99_ms"] else None
+    )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--registry", default=str(ROOT / "demo-registry"))
@@ -350,7 +492,31 @@ def main() -> int:
             code = server.stop()
             if code != 0:
                 print(f"batchline exited with {code}", file=sys.stderr)
+    print("entity-keyed features vs inline ...", flush=True)
+    entity = entity_scenario(registry, args.seconds, args.procs)
+    print("one shadow on vs off ...", flush=True)
+    shadow = shadow_scenario(registry, args.seconds, args.procs)
     goals = targets(points)
+    goals.append({
+        "target": "churn c=64 unary: entity-keyed / inline features req/s",
+        "measured": entity["entity_over_inline_rps"], "goal": ">= 0.8",
+        "met": entity["entity_over_inline_rps"] is not None and entity["entity_over_inline_rps"] >= 0.8,
+    })  # fmt: skip
+    goals.append({
+        "target": "churn c=64: feature round trips per request",
+        "measured": entity["round_trips_per_request"], "goal": "<= 0.125",
+        "met": entity["round_trips_per_request"] is not None and entity["round_trips_per_request"] <= 0.125,
+    })  # fmt: skip
+    goals.append({
+        "target": "churn c=64 unary: req/s with one shadow / without",
+        "measured": shadow["rps_on_over_off"], "goal": ">= 0.9",
+        "met": shadow["rps_on_over_off"] is not None and shadow["rps_on_over_off"] >= 0.9,
+    })  # fmt: skip
+    goals.append({
+        "target": "churn c=64 unary: p99 with one shadow / without",
+        "measured": shadow["p99_on_over_off"], "goal": "<= 1.1",
+        "met": shadow["p99_on_over_off"] is not None and shadow["p99_on_over_off"] <= 1.1,
+    })  # fmt: skip
     machine = {
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
@@ -363,6 +529,8 @@ def main() -> int:
         "machine": machine,
         "raw_onnxruntime": raw,
         "points": [asdict(p) for p in points],
+        "features": entity,
+        "shadow": shadow,
         "targets": goals,
     }
     stamp = time.strftime("%Y%m%dT%H%M%S")

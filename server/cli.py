@@ -90,6 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "ready_file": args.ready_file,
             "grace_period_s": args.grace_period,
             "log_level": args.log_level,
+            "feature_store": args.feature_store,
+            "admin_token": args.admin_token,
         },
         model_refs=tuple(args.model or ()),
         model_overrides={
@@ -98,6 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "dynamic_batching": False if args.no_batching else None,
             "execution": args.execution,
             "instances": args.instances,
+            "canary": args.canary,
+            "canary_percent": args.canary_percent,
+            "shadows": tuple(args.shadow) if args.shadow else None,
         },
     )
     if settings.server.workers > 1:
@@ -219,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-batching", action="store_true", help="run every request alone")
     serve.add_argument("--execution", choices=("auto", "inline", "executor"))
     serve.add_argument("--instances", type=int)
+    serve.add_argument(
+        "--feature-store", help="redis://... or sqlite:///path (entity-keyed requests)"
+    )
+    serve.add_argument("--admin-token", help="bearer token required by admin RPCs")
+    serve.add_argument("--canary", metavar="VERSION", help="canary version (with --canary-percent)")
+    serve.add_argument("--canary-percent", type=float)
+    serve.add_argument(
+        "--shadow", action="append", metavar="VERSION", help="a shadow version (repeatable)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="model utilities")
