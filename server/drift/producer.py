@@ -1,0 +1,348 @@
+"""The in-server end of the drift stream: predictions -> bounded queue -> the drift sidecar.
+
+`DriftProducer.record()` is what the serving path calls once per answered request. It only
+appends a tuple of references to a bounded deque (no copying, no protobuf, no I/O), so it costs
+about a microsecond, never blocks and never raises. A background task turns queued tuples into
+`PredictionBatch` chunks and writes them on one long-lived client-streaming `Record` call. When
+the sidecar is away the task reconnects with capped exponential backoff; records keep queueing
+meanwhile, and what does not fit is dropped and counted as `dropped_disconnected` (while
+connected, as `dropped_full`: the sidecar is not keeping up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from server._proto import drift_pb2 as pb
+from server._proto import drift_pb2_grpc as pb_grpc
+from server.clock import Clock, MonotonicClock
+
+log = logging.getLogger(__name__)
+
+ROLES: dict[str, pb.Role] = {
+    "primary": pb.ROLE_PRIMARY,
+    "canary": pb.ROLE_CANARY,
+    "shadow": pb.ROLE_SHADOW,
+}
+# How often an idle sender looks at its stream, to notice a sidecar that went away.
+_IDLE_CHECK_S = 0.5
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Each attempt gets a fresh channel with its own subchannel, so gRPC's connection backoff
+    # (1 s and up, shared process-wide by default) does not stack on top of ours.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+# (model, version, role, request_id, entity_id, features, scores, labels, latency_s, time_ns)
+_Item = tuple[str, str, str, str, str, Any, Any, Any, float, int]
+
+
+class _StreamEnded(Exception):
+    pass
+
+
+def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
+    """Seconds to wait after the `failures`-th consecutive failed connection (1-based):
+    initial, 2x, 4x, ... capped at `max_s` (the caller adds jitter)."""
+    if failures <= 0:
+        return 0.0
+    return float(min(max_s, initial_s * 2.0 ** min(failures - 1, 62)))
+
+
+def to_record(item: _Item) -> pb.PredictionRecord:
+    """One queued tuple as a PredictionRecord (runs in the background task, not per request)."""
+    model, version, role, request_id, entity_id, features, scores, labels, latency_s, t_ns = item
+    matrix = np.asarray(features, dtype=np.float32)
+    rows = matrix.shape[0] if matrix.ndim > 1 else 1
+    flat = matrix.ravel()
+    score = np.asarray(scores, dtype=np.float32).ravel() if scores is not None else flat[:0]
+    if score.size != rows and rows and score.size % rows == 0:
+        # Class probabilities [rows, classes] (or one row's [classes]): the last class, which is
+        # the positive class of a binary classifier.
+        score = score.reshape(rows, -1)[:, -1]
+    return pb.PredictionRecord(
+        model=model,
+        version=version,
+        role=ROLES.get(role, pb.ROLE_UNSPECIFIED),
+        request_id=request_id,
+        entity_id=entity_id,
+        rows=rows,
+        n_features=flat.size // rows if rows else 0,
+        features=flat.tolist(),
+        scores=score.tolist(),
+        labels=np.asarray(labels, dtype=np.int64).ravel().tolist() if labels is not None else (),
+        latency_s=latency_s,
+        time_unix_ns=t_ns,
+    )
+
+
+class DriftProducer:
+    """Streams prediction records to the drift sidecar without ever slowing a request.
+
+    Guarantees: `record()` is O(1), never blocks, never raises, and keeps at most `queue_size`
+    records; every record is either sent, sampled out, or counted in exactly one of
+    `dropped_full` / `dropped_disconnected` / `errors` (records still queued when `stop()` gives
+    up count as `dropped_disconnected`). "Sent" means written to the stream: a chunk in flight
+    when the sidecar dies is lost uncounted. Call `record()` from the event loop's thread. Arrays passed to it
+    are kept by reference until sent: don't mutate them afterwards.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        queue_size: int = 10000,
+        chunk: int = 256,
+        sample_ratio: float = 1.0,
+        clock: Clock | None = None,
+        linger_s: float = 0.05,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 5.0,
+        connect_timeout_s: float = 2.0,
+        producer_id: str | None = None,
+        rng: Callable[[], float] | None = None,
+    ) -> None:
+        if queue_size < 1 or chunk < 1:
+            raise ValueError("queue_size and chunk must be >= 1")
+        if not 0.0 <= sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio: expected 0..1, got {sample_ratio}")
+        self.target = target
+        self.queue_size = queue_size
+        self.chunk = chunk
+        self.sample_ratio = sample_ratio
+        self.linger_s = linger_s
+        self.producer_id = producer_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._clock = clock or MonotonicClock()
+        self._random = rng or random.random
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._connect_timeout_s = connect_timeout_s
+        self._options = [
+            *_CHANNEL_OPTIONS,
+            ("grpc.initial_reconnect_backoff_ms", max(10, int(backoff_initial_s * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(10, int(backoff_max_s * 1000))),
+        ]
+        self._queue: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._waiting = False
+        self._connected = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._disconnected_since: float | None = None
+        self._ever_connected = False
+        # Counters (plain ints, read by the server's metrics at scrape time).
+        self.sent = 0
+        self.dropped_full = 0
+        self.dropped_disconnected = 0
+        self.reconnects = 0
+        self.sampled_out = 0
+        self.errors = 0
+
+    # -- the request path ------------------------------------------------------------------
+
+    def record(
+        self,
+        model: str,
+        version: str,
+        role: str,
+        request_id: str,
+        entity_id: str,
+        features: Any,
+        scores: Any,
+        labels: Any = None,
+        latency_s: float = 0.0,
+    ) -> None:
+        """Queue one answered request: `features` [rows, n_features] (or [n_features]),
+        `scores` [rows] or class probabilities [rows, classes] / [classes] (the last class is
+        taken),
+        `labels` [rows] predicted labels or None. Never blocks, never raises."""
+        try:
+            if self.sample_ratio < 1.0 and self._random() >= self.sample_ratio:
+                self.sampled_out += 1
+                return
+            if len(self._queue) >= self.queue_size or self._closing:
+                if self._connected:
+                    self.dropped_full += 1
+                else:
+                    self.dropped_disconnected += 1
+                return
+            self._queue.append(
+                (
+                    model,
+                    version,
+                    role,
+                    request_id,
+                    entity_id,
+                    features,
+                    scores,
+                    labels,
+                    latency_s,
+                    time.time_ns(),
+                )
+            )
+            if self._waiting:
+                self._wake.set()
+        except Exception:
+            self.errors += 1
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def disconnected_for(self) -> float:
+        """Seconds since the stream was last up (0 while connected)."""
+        if self._connected or self._disconnected_since is None:
+            return 0.0
+        return self._clock.now() - self._disconnected_since
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "dropped_full": self.dropped_full,
+            "dropped_disconnected": self.dropped_disconnected,
+            "reconnects": self.reconnects,
+            "sampled_out": self.sampled_out,
+            "errors": self.errors,
+            "pending": len(self._queue),
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._disconnected_since = self._clock.now()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="drift-producer")
+
+    async def stop(self, flush_timeout_s: float = 2.0) -> None:
+        """Send what is queued (within `flush_timeout_s`), close the stream and stop."""
+        task = self._task
+        if task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), flush_timeout_s)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        except Exception:  # the task logs its own failures
+            pass
+        self.dropped_disconnected += len(self._queue)
+        self._queue.clear()
+        self._task = None
+
+    # -- the background sender -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            try:
+                await asyncio.wait_for(channel.channel_ready(), self._connect_timeout_s)
+                call = pb_grpc.DriftServiceStub(channel).Record()
+                self._set_connected(True)
+                failures = 0
+                await self._pump(call)
+                # Closing, and everything queued is written: half-close and wait for the ack.
+                await call.done_writing()
+                await call
+                return
+            except (
+                grpc.aio.AioRpcError,
+                asyncio.InvalidStateError,
+                TimeoutError,
+                _StreamEnded,
+            ) as exc:
+                detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+                log.debug("drift stream to %s down: %s", self.target, detail)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.errors += 1
+                log.exception("drift producer: unexpected error; reconnecting")
+            finally:
+                self._set_connected(False)
+                await channel.close(grace=None)
+            failures += 1
+            if self._closing and not self._queue:
+                return
+            delay = backoff_delay(failures, self._backoff_initial_s, self._backoff_max_s)
+            await self._pause(delay * (0.5 + 0.5 * self._random()))
+
+    async def _pump(self, call: Any) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                self._waiting = True
+                try:
+                    await asyncio.wait_for(self._wake.wait(), _IDLE_CHECK_S)
+                except TimeoutError:
+                    if call.done():
+                        await call  # raises the stream's error, if it has one
+                        raise _StreamEnded("the sidecar ended the stream") from None
+                finally:
+                    self._waiting = False
+                continue
+            if len(queue) < self.chunk and self.linger_s > 0 and not self._closing:
+                # Let a chunk fill: one write of 256 records costs about what one of 10 does.
+                await asyncio.sleep(self.linger_s)
+            items = [queue.popleft() for _ in range(min(len(queue), self.chunk))]
+            batch = pb.PredictionBatch(
+                producer=self.producer_id,
+                dropped_total=self.dropped_full + self.dropped_disconnected,
+            )
+            records = batch.records
+            for item in items:
+                try:
+                    records.append(to_record(item))
+                except Exception:
+                    self.errors += 1
+            try:
+                await call.write(batch)
+            except BaseException:
+                # The chunk in hand never reached the sidecar.
+                self.dropped_disconnected += len(items)
+                raise
+            self.sent += len(records)
+
+    def _set_connected(self, up: bool) -> None:
+        if up and not self._connected:
+            if self._ever_connected:
+                self.reconnects += 1
+                log.info("drift stream to %s resumed", self.target)
+            self._ever_connected = True
+        elif not up and self._connected:
+            self._disconnected_since = self._clock.now()
+            if not self._closing:
+                log.warning("drift stream to %s lost; reconnecting with backoff", self.target)
+        self._connected = up
+
+    async def _pause(self, seconds: float) -> None:
+        # Backoff that stop() can cut short.
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)

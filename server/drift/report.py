@@ -1,0 +1,268 @@
+"""The drift report: as a dict (JSON), as terminal text, as an HTML page with inline SVG
+histograms (reference vs current, no plotting library), and the `batchline drift report` client.
+
+All renderings read the same `DriftReport` message (proto/drift.proto), so the JSON keys are the
+proto field names wherever the report is read: `/report.json`, `--format json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from server._proto import drift_pb2 as pb
+
+_LEVEL_COLOURS = {
+    "stable": "#2e7d32",
+    "investigate": "#ef6c00",
+    "act": "#c62828",
+    "empty": "#757575",
+}
+
+
+def report_to_dict(message: Any) -> dict[str, Any]:
+    """Every field by its proto name, defaults included; NaN becomes None (valid JSON)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        repeated = field.is_repeated
+        if field.message_type is not None:
+            if repeated:
+                out[field.name] = [report_to_dict(v) for v in value]
+            elif message.HasField(field.name):
+                out[field.name] = report_to_dict(value)
+            else:
+                out[field.name] = None
+        elif repeated:
+            out[field.name] = [_plain(v) for v in value]
+        else:
+            out[field.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _when(unix_s: float) -> str:
+    if not unix_s:
+        return "never"
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _window_title(w: pb.WindowReport) -> str:
+    return f"{w.model}:{w.version} ({w.role})"
+
+
+def format_text(report: pb.DriftReport) -> str:
+    """A terminal table per window: the score first, then each feature."""
+    lines = [
+        f"drift report {_when(report.generated_unix_s)}: {report.records_total} records, "
+        f"{report.rejected_total} rejected, {report.alerts_fired_total} alerts fired"
+    ]
+    if not report.windows:
+        lines.append("(no predictions received yet)")
+    for w in report.windows:
+        lines.append("")
+        lines.append(
+            f"{_window_title(w)}  records {w.records_total}  rows {w.rows_total}  "
+            f"window {w.window_rows} rows  evaluated {_when(w.evaluated_unix_s)}"
+        )
+        if not w.has_profile:
+            lines.append("  no reference profile for this version: nothing to compare")
+            continue
+        if w.labelled_rows:
+            lines.append(
+                f"  labelled rows {w.labelled_rows}  accuracy {_num(w.accuracy)}  auc {_num(w.auc)}"
+            )
+        if w.active_alerts:
+            lines.append(f"  ALERTS: {', '.join(w.active_alerts)}")
+        variables = ([w.score] if w.HasField("score") else []) + list(w.features)
+        if not variables:
+            lines.append("  not evaluated yet (fewer rows than min_rows)")
+            continue
+        header = (
+            f"  {'variable':<12} {'psi':>7} {'level':<11} {'ks':>6} {'ks_p':>8} "
+            f"{'js':>6} {'missing':>7} {'out_rng':>7} {'n':>7}"
+        )
+        lines.append(header)
+        for v in variables:
+            lines.append(
+                f"  {v.name:<12} {_num(v.psi, 4):>7} {v.level:<11} {_num(v.ks_statistic):>6} "
+                f"{_num(v.ks_pvalue, 4):>8} {_num(v.js_distance):>6} {_num(v.missing_rate):>7} "
+                f"{_num(v.out_of_range_rate):>7} {v.count:>7}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def histogram_svg(v: pb.VariableDrift, width: int = 300, height: int = 110) -> str:
+    """Reference (grey) vs current (coloured) bin shares, one pair of bars per bin."""
+    ref = list(v.reference_shares)
+    cur = list(v.current_shares) or [0.0] * len(ref)
+    bins = max(1, len(ref))
+    top = max([*ref, *cur, 1e-9])
+    plot_h = height - 22
+    slot = (width - 10) / bins
+    colour = _LEVEL_COLOURS.get(v.level, "#1565c0")
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{html.escape(v.name)} histogram">',
+        f'<line x1="5" y1="{plot_h}" x2="{width - 5}" y2="{plot_h}" stroke="#999"/>',
+    ]
+    edges = list(v.edges)
+    for i in range(bins):
+        low = "-inf" if i == 0 else f"{edges[i - 1]:.3g}"
+        high = "+inf" if i == len(edges) else f"{edges[i]:.3g}"
+        x = 5 + i * slot
+        for j, (share, fill) in enumerate(((ref[i], "#b0b0b0"), (cur[i], colour))):
+            h = plot_h * share / top
+            parts.append(
+                f'<rect x="{x + slot * (0.1 + 0.4 * j):.1f}" y="{plot_h - h:.1f}" '
+                f'width="{slot * 0.4:.1f}" height="{h:.1f}" fill="{fill}">'
+                f"<title>({low}, {high}] {'current' if j else 'reference'} {share:.3f}</title>"
+                "</rect>"
+            )
+    parts.append(
+        f'<text x="5" y="{height - 6}" font-size="11" fill="#333">'
+        f"{html.escape(v.name)} psi {_num(v.psi, 3)} ({v.level})</text></svg>"
+    )
+    return "".join(parts)
+
+
+def render_html(report: pb.DriftReport) -> str:
+    """The /report page: a section per window, metrics table and a histogram per variable."""
+    body = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>batchline drift report</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:8px}"
+        ".alert{color:#c62828;font-weight:bold}</style></head><body>",
+        "<h1>batchline drift report</h1>",
+        f"<p>{_when(report.generated_unix_s)} &middot; {report.records_total} records &middot; "
+        f"{report.rejected_total} rejected &middot; {report.alerts_fired_total} alerts fired. "
+        "PSI &lt; 0.10 stable, 0.10&ndash;0.25 investigate, &gt; 0.25 act. "
+        "Grey: reference, colour: current.</p>",
+    ]
+    if not report.windows:
+        body.append("<p>No predictions received yet.</p>")
+    for w in report.windows:
+        body.append(f"<h2>{html.escape(_window_title(w))}</h2>")
+        body.append(
+            f"<p>records {w.records_total}, rows {w.rows_total}, window {w.window_rows} rows, "
+            f"evaluated {_when(w.evaluated_unix_s)}"
+            + (
+                f"; labelled {w.labelled_rows}, accuracy {_num(w.accuracy)}, auc {_num(w.auc)}"
+                if w.labelled_rows
+                else ""
+            )
+            + "</p>"
+        )
+        if w.active_alerts:
+            alerts = ", ".join(html.escape(a) for a in w.active_alerts)
+            body.append(f"<p class='alert'>Active alerts: {alerts}</p>")
+        if not w.has_profile:
+            body.append("<p>No reference profile for this version.</p>")
+            continue
+        variables = ([w.score] if w.HasField("score") else []) + list(w.features)
+        if not variables:
+            body.append("<p>Not evaluated yet (fewer rows than min_rows).</p>")
+            continue
+        body.append(
+            "<table><tr><th>variable</th><th>PSI</th><th>level</th><th>KS</th><th>KS p</th>"
+            "<th>JS</th><th>missing</th><th>out of range</th><th>n</th></tr>"
+        )
+        for v in variables:
+            colour = _LEVEL_COLOURS.get(v.level, "#000")
+            body.append(
+                f"<tr><td>{html.escape(v.name)}</td><td>{_num(v.psi, 4)}</td>"
+                f"<td style='color:{colour}'>{html.escape(v.level)}</td>"
+                f"<td>{_num(v.ks_statistic)}</td><td>{_num(v.ks_pvalue, 4)}</td>"
+                f"<td>{_num(v.js_distance)}</td><td>{_num(v.missing_rate)}</td>"
+                f"<td>{_num(v.out_of_range_rate)}</td><td>{v.count}</td></tr>"
+            )
+        body.append("</table><div class='grid'>")
+        body.extend(histogram_svg(v) for v in variables)
+        body.append("</div>")
+    body.append("</body></html>")
+    return "\n".join(body)
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+def fetch_report(
+    address: str,
+    *,
+    model: str = "",
+    version: str = "",
+    refresh: bool = True,
+    timeout: float = 10.0,
+) -> pb.DriftReport:
+    """Ask a sidecar for its report (raises grpc.RpcError when it cannot)."""
+    import grpc
+
+    from server._proto import drift_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.DriftServiceStub(channel)
+        reply: pb.DriftReport = stub.Report(
+            pb.ReportRequest(model=model, version=version, refresh=refresh), timeout=timeout
+        )
+    return reply
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:8011", help="the sidecar's gRPC address")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--model", default="", help="only this model")
+    parser.add_argument("--version", default="", help="only this version")
+    parser.add_argument(
+        "--no-refresh", action="store_true", help="the last evaluation, without evaluating now"
+    )
+    parser.add_argument("--timeout", type=float, default=10.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report; exit 1 when the sidecar cannot be reached."""
+    import grpc
+
+    try:
+        report = fetch_report(
+            args.address,
+            model=args.model,
+            version=args.version,
+            refresh=not args.no_refresh,
+            timeout=args.timeout,
+        )
+    except grpc.RpcError as exc:
+        print(f"batchline drift report: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(report_to_dict(report), indent=2))
+    else:
+        sys.stdout.write(format_text(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="batchline drift report", description="Print a drift sidecar's report."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

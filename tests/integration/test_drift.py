@@ -1,0 +1,273 @@
+"""The drift sidecar as its own process: a DriftProducer streams to it, the report and metrics
+are read over HTTP, and the stream survives the sidecar being killed and restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from registry_client.demo import load_holdout
+from server._proto import drift_pb2 as pb
+from server._proto import drift_pb2_grpc as pb_grpc
+from server.drift import report as drift_report
+from server.drift.producer import DriftProducer
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIFTED = 3  # the feature the tests shift
+
+
+@dataclass
+class Sidecar:
+    proc: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def get(self, path: str) -> bytes:
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body: bytes = response.read()
+        return body
+
+    def report(self) -> dict[str, object]:
+        doc: dict[str, object] = json.loads(self.get("/report.json"))
+        return doc
+
+    def window(self, model: str = "churn", version: str = "1") -> dict[str, object]:
+        for window in self.report()["windows"]:  # type: ignore[attr-defined]
+            if (window["model"], window["version"], window["role"]) == (model, version, "primary"):
+                return dict(window)
+        return {"records_total": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn_sidecar(registry: Path, workdir: Path, grpc_port: int = 0) -> Sidecar:
+    ready = workdir / f"drift-ready-{time.monotonic_ns()}.json"
+    log = ready.with_suffix(".log")
+    cmd = [
+        sys.executable, "-m", "server.drift.sidecar",
+        "--registry", str(registry),
+        "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", "0",
+        "--ready-file", str(ready),
+        "--window-rows", "2000", "--min-rows", "100",
+        "--eval-every-records", "500", "--eval-every-s", "1",
+        "--alert", "feature_psi > 0.25",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ}
+        )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"sidecar not ready:\n{log.read_text()}")
+        time.sleep(0.02)
+    info = json.loads(ready.read_text())
+    assert info["pid"] == proc.pid
+    return Sidecar(proc, info["grpc_port"], info["http_port"], log)
+
+
+@pytest.fixture
+def sidecars(demo_registry: Path, tmp_path: Path) -> Iterator[list[Sidecar]]:
+    """Sidecars started by a test; whatever is still running is killed afterwards."""
+    started: list[Sidecar] = []
+    yield started
+    for sidecar in started:
+        if sidecar.proc.poll() is None:
+            sidecar.proc.kill()
+            sidecar.proc.wait()
+
+
+async def until(condition: object, what: str, limit_s: float = 15.0) -> None:
+    """Poll `condition()` (bounded), yielding to the loop between tries."""
+    deadline = time.monotonic() + limit_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def poll_http(sidecar: Sidecar, condition: object, what: str, limit_s: float = 15.0) -> None:
+    async def check() -> bool:
+        return bool(condition(await asyncio.to_thread(sidecar.window)))  # type: ignore[operator]
+
+    deadline = time.monotonic() + limit_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {sidecar.window()}")
+        await asyncio.sleep(0.05)
+
+
+def drifted_rows(demo_registry: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The holdout of churn v1 with one feature shifted by two standard deviations."""
+    holdout = load_holdout(demo_registry, "churn", "1")
+    X = holdout.X.copy()
+    X[:, DRIFTED] += 2.0 * X[:, DRIFTED].std()
+    return X, holdout.probabilities, holdout.labels, holdout.y
+
+
+async def test_streamed_predictions_show_up_in_report_and_metrics_with_the_drift_flagged(
+    demo_registry: Path, tmp_path: Path, sidecars: list[Sidecar]
+) -> None:
+    sidecar = spawn_sidecar(demo_registry, tmp_path)
+    sidecars.append(sidecar)
+    X, proba, predicted, truth = drifted_rows(demo_registry)
+    producer = DriftProducer(sidecar.address, chunk=128)
+    await producer.start()
+    for i in range(len(X)):
+        producer.record(
+            "churn", "1", "primary", f"req-{i}", f"cust-{i}", X[i], proba[i], predicted[i : i + 1]
+        )
+    await until(lambda: producer.sent == len(X), what="everything sent")
+    await poll_http(sidecar, lambda w: w["records_total"] == len(X), "all records counted")
+
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        ack = await pb_grpc.DriftServiceStub(channel).PostLabels(
+            pb.LabelBatch(
+                labels=[
+                    pb.Label(request_id=f"req-{i}", labels=[int(truth[i])]) for i in range(len(X))
+                ]
+            )
+        )
+    assert (ack.matched, ack.unknown) == (len(X), 0)
+
+    window = sidecar.window()
+    assert window["rows_total"] == len(X)
+    assert window["window_rows"] == len(X)
+    features = {f["name"]: f for f in window["features"]}  # type: ignore[attr-defined]
+    assert features[f"f{DRIFTED}"]["level"] == "act"
+    assert features[f"f{DRIFTED}"]["psi"] > 0.25
+    assert all(f["psi"] < 0.10 for name, f in features.items() if name != f"f{DRIFTED}")
+    assert window["score"]["level"] == "stable"  # type: ignore[index]
+    assert window["active_alerts"] == [f"feature_psi > 0.25[f{DRIFTED}]"]
+    assert window["labelled_rows"] == len(X)
+    assert window["accuracy"] == pytest.approx(float(np.mean(predicted == truth)))
+
+    metrics = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(sidecar.get("/metrics").decode())
+        for sample in family.samples
+    }
+    window_labels = (("model", "churn"), ("role", "primary"), ("version", "1"))
+    assert metrics["batchline_drift_records_total", window_labels] == len(X)
+    drifted = tuple(sorted((*window_labels, ("feature", f"f{DRIFTED}"))))
+    assert metrics["batchline_drift_feature_psi", drifted] > 0.25
+    active = tuple(sorted((*drifted, ("rule", "feature_psi > 0.25"))))
+    assert metrics["batchline_drift_alert_active", active] == 1.0
+    assert metrics["batchline_drift_alerts_fired_total", (("metric", "feature_psi"),)] == 1.0
+    page = sidecar.get("/report").decode()
+    assert page.count("<svg") == 16  # the score and 15 features
+
+    text = await asyncio.to_thread(drift_report.fetch_report, sidecar.address)
+    rendered = drift_report.format_text(text)
+    assert f"f{DRIFTED}" in rendered
+    assert "act" in rendered
+
+    await producer.stop()
+    assert producer.dropped_full == producer.dropped_disconnected == 0
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.proc.wait(timeout=10) == 0, sidecar.log.read_text()
+
+
+@pytest.fixture
+def short_gil_switch_interval() -> Iterator[None]:
+    """Other threads here (gRPC's poller, to_thread workers) may keep the GIL for the default
+    5 ms switch interval, which would be charged to whatever call the loop thread is in; a short
+    interval makes a wall-clock measurement of record() measure record()."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(5e-5)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("short_gil_switch_interval")
+async def test_stream_resumes_after_the_sidecar_is_killed_and_restarted_on_the_same_port(
+    demo_registry: Path, tmp_path: Path, sidecars: list[Sidecar]
+) -> None:
+    port = free_port()
+    first = spawn_sidecar(demo_registry, tmp_path, grpc_port=port)
+    sidecars.append(first)
+    X, proba, predicted, _ = drifted_rows(demo_registry)
+    producer = DriftProducer(
+        f"127.0.0.1:{port}", queue_size=200, chunk=50, backoff_initial_s=0.02, backoff_max_s=0.2
+    )
+    await producer.start()
+    costs: list[int] = []
+    sequence = 0
+
+    def record_some(n: int) -> None:
+        nonlocal sequence
+        for _ in range(n):
+            i = sequence % len(X)
+            started = time.perf_counter_ns()
+            producer.record(
+                "churn", "1", "primary", f"r{sequence}", "", X[i], proba[i], predicted[i : i + 1]
+            )
+            costs.append(time.perf_counter_ns() - started)
+            sequence += 1
+
+    record_some(150)  # fits the queue even before the stream is up
+    await until(lambda: producer.sent == 150, what="first records sent")
+    await poll_http(first, lambda w: w["records_total"] == 150, "first sidecar counts them")
+
+    first.proc.kill()
+    first.proc.wait()
+    # Serving goes on: keep recording while the producer notices, then past its queue's size.
+    deadline = time.monotonic() + 15
+    while producer.connected:
+        assert time.monotonic() < deadline, producer.counters()
+        record_some(10)
+        await asyncio.sleep(0.005)
+    sent_before_restart = producer.sent
+    dropped_before = producer.dropped_disconnected
+    record_some(300)
+    assert producer.pending == 200  # bounded whatever happens
+    assert producer.dropped_disconnected >= dropped_before + 100
+    assert producer.sent == sent_before_restart
+
+    # Started off the loop, so the producer keeps retrying meanwhile.
+    second = await asyncio.to_thread(spawn_sidecar, demo_registry, tmp_path, port)
+    sidecars.append(second)
+    assert second.grpc_port == port
+    await until(lambda: producer.connected, what="reconnected")
+    await until(lambda: producer.pending == 0, what="the queued records sent")
+    record_some(150)
+    await until(lambda: producer.pending == 0, what="queue drained")
+    await poll_http(
+        second,
+        lambda w: w["records_total"] == producer.sent - sent_before_restart,
+        "records arrive at the restarted sidecar",
+    )
+    assert producer.sent - sent_before_restart == 200 + 150  # the queued, then the new
+    assert producer.reconnects == 1
+    # record() never waited on the network: every call well under a millisecond.
+    costs.sort()
+    assert costs[-1] < 1_000_000, f"slowest record() {costs[-1] / 1e3:.0f} us"
+    await producer.stop()
