@@ -26,11 +26,17 @@ from server.api.servicer import InferenceServicer
 from server.breaker import CircuitBreaker
 from server.clock import Clock, MonotonicClock
 from server.config import Settings
+from server.drift.producer import DriftProducer
 from server.errors import ConfigError
 from server.features.sqlite_store import SqliteFeatureStore
 from server.features.store import FeatureLookup, FeatureStore
 from server.models import ModelManager
-from server.observability.metrics import FeatureMetrics, Metrics, MirrorCollector
+from server.observability.metrics import (
+    DriftProducerCollector,
+    FeatureMetrics,
+    Metrics,
+    MirrorCollector,
+)
 from server.pipeline import InferencePipeline
 from server.shadow import PairLog
 
@@ -98,12 +104,25 @@ class App:
                 on_transition=self.metrics.breaker_transition,
             )
             self.metrics.breaker_created(feature_breaker.name)
+        self.drift: DriftProducer | None = None
+        if settings.drift.enabled:
+            d = settings.drift
+            self.drift = DriftProducer(
+                d.target,
+                queue_size=d.queue_size,
+                chunk=d.chunk,
+                sample_ratio=d.sample_ratio,
+                clock=self.clock,
+                backoff_max_s=d.backoff_max_s,
+            )
+            self.metrics.registry.register(DriftProducerCollector(self.drift))
         self.pipeline = InferencePipeline(
             self.models,
             self.clock,
             features=self.features,
             feature_observer=feature_metrics,
             feature_breaker=feature_breaker,
+            drift=self.drift,
         )
         self.pair_log = PairLog(
             settings.server.shadow_log_max_pairs, path=settings.server.shadow_log or None
@@ -152,6 +171,8 @@ class App:
             max_connection_age_s=server_settings.max_connection_age_s,
             max_connection_age_grace_s=server_settings.max_connection_age_grace_s,
         )
+        if self.drift is not None:
+            await self.drift.start()
         await self._server.start()
         if server_settings.metrics_port >= 0:
             self._http, _thread = start_http_server(
@@ -215,6 +236,8 @@ class App:
         if self._server is not None:
             await self._server.stop(grace=0.5)
         await self.models.stop_mirrors()
+        if self.drift is not None:
+            await self.drift.stop(self.settings.drift.flush_timeout_s)
         self.pair_log.close()
         self.models.close()
         if self.features is not None:

@@ -13,8 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from registry_client import cli as registry_cli
+from server import drift as drift_settings
 from server import shadow as shadow_report
 from server.config import Settings, load_settings
+from server.drift import report as drift_report
 from server.errors import ConfigError, ServingError
 
 
@@ -177,6 +179,17 @@ def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from server.drift.sidecar import run_sidecar
+
+    settings = load_settings(args.config, env=os.environ)
+    base = replace(settings.drift, registry=settings.drift.registry or settings.server.registry)
+    drift = drift_settings.settings_from_args(args, base)
+    _configure_logging(drift.log_level)
+    _run(run_sidecar(drift))
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -267,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     registry_cli.add_subcommands(sub)
+
+    drift = sub.add_parser("drift", help="the drift sidecar (gRPC 8011, metrics and report 8012)")
+    drift.add_argument("--config", help="batchline.toml ([drift] and [server].registry)")
+    drift_settings.add_arguments(drift)
+    drift.set_defaults(func=cmd_drift)
+    drift_sub = drift.add_subparsers(dest="drift_command")
+    drift_report_parser = drift_sub.add_parser("report", help="print a running sidecar's report")
+    drift_report.add_arguments(drift_report_parser)
+    drift_report_parser.set_defaults(func=drift_report.run)
 
     shadow = sub.add_parser("shadow", help="shadow evaluation")
     shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True)

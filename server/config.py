@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from server.breaker import BreakerConfig
+from server.drift import DriftSettings
+from server.drift import check_settings as check_drift
 from server.errors import ConfigError
 
 
@@ -126,10 +128,13 @@ class ServerSettings:
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: tuple[ModelSettings, ...] = ()
+    # The drift producer in the server and the sidecar process ([drift]; server/drift).
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
 
 _MODEL_KEYS = {f.name: f for f in fields(ModelSettings) if f.name != "name"}
 _SERVER_KEYS = {f.name: f for f in fields(ServerSettings)}
+_DRIFT_KEYS = {f.name: f for f in fields(DriftSettings)}
 _ENV = {
     "BATCHLINE_HOST": "host",
     "BATCHLINE_GRPC_PORT": "grpc_port",
@@ -324,11 +329,13 @@ def load_settings(
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"server", "model_defaults", "models"}
+    unknown = set(data) - {"server", "model_defaults", "models", "drift"}
     if unknown:
         raise ConfigError(
-            f"unknown key {sorted(unknown)[0]} (known: model_defaults, models, server)"
+            f"unknown key {sorted(unknown)[0]} (known: drift, model_defaults, models, server)"
         )
+    drift = DriftSettings(**_apply("drift", _DRIFT_KEYS, data.get("drift", {})))
+    check_drift(drift)
 
     server_values = _apply("server", _SERVER_KEYS, data.get("server", {}))
     for var, key in _ENV.items():
@@ -366,7 +373,7 @@ def load_settings(
         model = ModelSettings(name=name, **merged)
         _check_model(f"models.{name}", model)
         models.append(model)
-    return Settings(server=server, models=tuple(models))
+    return Settings(server=server, models=tuple(models), drift=drift)
 
 
 def environ() -> Mapping[str, str]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from server.breaker import CircuitBreaker
 from server.clock import Clock
+from server.drift import PredictionSink
 from server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -72,7 +73,9 @@ class InferencePipeline:
         features: FeatureLookup | None = None,
         feature_observer: FeatureObserver | None = None,
         feature_breaker: CircuitBreaker | None = None,
+        drift: PredictionSink | None = None,
     ) -> None:
+        self._drift = drift
         self.models = models
         self._clock = clock
         self._features = features
@@ -135,6 +138,10 @@ class InferencePipeline:
                 selected = dict(zip(index, outputs, strict=True))
             else:
                 selected = {name: outputs[index[name]] for name in request.outputs}
+            if self._drift is not None:
+                self._record_drift(
+                    answered, role, request, sticky, outputs, self._clock.now() - start
+                )
             if route is not None and route.shadows and request.version is None:
                 self._mirror(served, route, request, sticky, outputs, self._clock.now() - start)
             return InferResult(
@@ -191,6 +198,35 @@ class InferencePipeline:
         breaker.record(permit, True, ended - began, ended)
         return outputs, served
 
+    def _record_drift(
+        self,
+        served: ServedModel,
+        role: str,
+        request: InferRequest,
+        sticky: str,
+        outputs: list[np.ndarray],
+        latency_s: float,
+        features: np.ndarray | None = None,
+    ) -> None:
+        """One prediction record for the drift sidecar: O(1), never blocks, never raises."""
+        assert self._drift is not None
+        scores, labels = _scores_and_labels(served)
+        if features is None:
+            features = request.inputs.get(served.feature_input) if served.feature_input else None
+            if features is None:
+                features = next(iter(request.inputs.values()))
+        self._drift.record(
+            served.key.name,
+            served.key.version,
+            role,
+            request.id,
+            sticky if served.view is not None else "",
+            features,
+            outputs[scores] if scores is not None else outputs[0],
+            outputs[labels] if labels is not None else None,
+            latency_s,
+        )
+
     def _mirror(
         self,
         served: ServedModel,
@@ -235,6 +271,8 @@ class InferencePipeline:
             if self.pair_log is not None:
                 self.pair_log.note_failure(primary.key.name, shadow.key.version)
             raise
+        if self._drift is not None:
+            self._record_drift(shadow, "shadow", copy, sticky, outputs, self._clock.now() - start)
         scores, labels = _scores_and_labels(primary)
         return ShadowPair.from_outputs(
             model=primary.key.name,

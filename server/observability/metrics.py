@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from server.observability.stats import ModelStats
@@ -349,6 +354,44 @@ class MirrorCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily("batchline_shadow_requests", "", labels=["model", "outcome"])
+
+
+class DriftProducerCollector(Collector):
+    """The drift producer's counters, read at scrape time."""
+
+    _OUTCOMES = ("sent", "dropped_full", "dropped_disconnected", "sampled_out", "errors")
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._producer.counters()
+        records = CounterMetricFamily(
+            "batchline_drift_producer_records",
+            "Prediction records for the drift sidecar by outcome",
+            labels=["outcome"],
+        )
+        for outcome in self._OUTCOMES:
+            records.add_metric([outcome], counts[outcome])
+        yield records
+        yield CounterMetricFamily(
+            "batchline_drift_producer_reconnects",
+            "Reconnections of the stream to the drift sidecar",
+            value=counts["reconnects"],
+        )
+        yield GaugeMetricFamily(
+            "batchline_drift_producer_queue",
+            "Records waiting to be streamed to the drift sidecar",
+            value=counts["pending"],
+        )
+        yield GaugeMetricFamily(
+            "batchline_drift_producer_connected",
+            "1 while the stream to the drift sidecar is up",
+            value=1.0 if self._producer.connected else 0.0,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class FeatureMetrics:
