@@ -8,6 +8,7 @@ train or convert, so serving never depends on them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -33,6 +34,11 @@ INPUT_NAME = "input"
 OUTPUT_NAMES = ("label", "probabilities")
 REFERENCE_FILE = "reference.npz"
 HOLDOUT_FILE = "holdout.npz"
+# Online features: the view serving reads through (server/features/view.py defines the format)
+# and the entity table training read, keyed by customer_id.
+FEATURE_VIEW_FILE = "feature_view.json"
+ENTITIES_FILE = "entities.csv"
+ENTITY_KEY = "customer_id"
 DEMO_MODELS = ("churn", "churn_mlp")
 
 _N_SAMPLES = 6000
@@ -252,6 +258,8 @@ def _build_model(
     with tempfile.TemporaryDirectory(prefix="batchline-demo-") as tmp:
         work = Path(tmp)
         np.savez(work / REFERENCE_FILE, X=data.X_train[ref_rows], y=data.y_train[ref_rows])
+        _write_entities(work / ENTITIES_FILE, data.X_train[ref_rows])
+        (work / FEATURE_VIEW_FILE).write_text(_feature_view(data.X_train))
         for candidate in candidates:
             model = candidate.make()
             with warnings.catch_warnings():
@@ -288,12 +296,43 @@ def _build_model(
                     REFERENCE_FILE: work / REFERENCE_FILE,
                     HOLDOUT_FILE: work / HOLDOUT_FILE,
                     PROFILE_FILE: work / PROFILE_FILE,
+                    FEATURE_VIEW_FILE: work / FEATURE_VIEW_FILE,
+                    ENTITIES_FILE: work / ENTITIES_FILE,
                 },
             )
             if candidate.alias is not None:
                 registry.set_alias(name, candidate.alias, mv.version)
             versions.append(mv)
     return versions
+
+
+def entity_id(row: int) -> str:
+    return f"cust-{row:05d}"
+
+
+def _write_entities(path: Path, X: FloatArray) -> None:
+    """The offline entity table: one customer per reference row, the features as trained on."""
+    lines = [",".join((ENTITY_KEY, *FEATURES))]
+    lines += [",".join((entity_id(i), *(repr(float(v)) for v in row))) for i, row in enumerate(X)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _feature_view(X_train: FloatArray) -> str:
+    """The demo models' feature view; a missing value defaults to the training mean."""
+    means = X_train.mean(axis=0)
+    view = {
+        "name": "churn_customer",
+        "version": 1,
+        "entity_key": ENTITY_KEY,
+        "features": [
+            {"name": f, "default": round(float(m), 6)} for f, m in zip(FEATURES, means, strict=True)
+        ],
+        "layout": "packed",
+        "missing_entity": "default",
+        "on_store_error": "unavailable",
+        "description": "demo customers: 15 numeric features, as trained on",
+    }
+    return json.dumps(view, indent=2)
 
 
 def _export_onnx(model: Any, path: Path, graph_name: str) -> Signature:

@@ -14,8 +14,10 @@ from registry_client import FileRegistry
 from registry_client.demo import build_demo, load_reference
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.app import App
+from server.app import App, open_feature_store
 from server.config import load_settings
+from server.features.materialize import materialize, read_rows
+from server.features.view import FeatureView
 
 MODELS = ("churn", "churn_mlp")
 
@@ -30,6 +32,10 @@ def _request(model: str, rows: np.ndarray, request_id: str) -> pb.ModelInferRequ
 def _probabilities(response: pb.ModelInferResponse) -> np.ndarray:
     for i, out in enumerate(response.outputs):
         if out.name == "probabilities":
+            if not response.raw_output_contents:  # a typed request gets a typed reply
+                return np.array(out.contents.fp32_contents, dtype=np.float32).reshape(
+                    tuple(out.shape)
+                )
             return np.frombuffer(response.raw_output_contents[i], dtype=np.float32).reshape(
                 tuple(out.shape)
             )
@@ -54,12 +60,26 @@ async def _burst(
 
 
 async def _demo(registry: Path, requests: int, concurrency: int) -> None:
+    # The embedded feature store: the entity table training read, materialized through the view.
+    store_url = f"sqlite:///{registry / 'features.db'}"
+    store = FileRegistry(registry)
+    mv = store.resolve("churn@production")
+    view = FeatureView.from_json(
+        store.attachment(mv.name, mv.version, "feature_view.json").read_text()
+    )
+    feature_store = open_feature_store(store_url)
+    try:
+        table = store.attachment(mv.name, mv.version, "entities.csv")
+        written = await materialize(view, read_rows(table), feature_store)
+    finally:
+        await feature_store.close()
     settings = load_settings(
         server_overrides={
             "registry": str(registry),
             "grpc_port": 0,
             "metrics_port": 0,
             "host": "127.0.0.1",
+            "feature_store": store_url,
         },
         model_refs=tuple(f"{m}@production" for m in MODELS),
     )
@@ -82,7 +102,29 @@ async def _demo(registry: Path, requests: int, concurrency: int) -> None:
                 print("  churn probability   predicted   actual")
                 for p, actual in zip(probs[:, 1], y[:5], strict=True):
                     print(f"  {p:17.4f}   {int(p >= 0.5):9d}   {int(actual):6d}")
-            print(f"\nburst: {requests} requests of one row per model, concurrency {concurrency}")
+            print(
+                f"\nfeatures by customer id: {len(written.entities)} customers of view "
+                f"{view.name} materialized into {store_url}"
+            )
+            ids = [written.entities[0], written.entities[1], "cust-unknown"]
+            request = pb.ModelInferRequest(model_name="churn", id="by-entity")
+            tensor = request.inputs.add(name=view.entity_key, datatype="BYTES", shape=[len(ids)])
+            tensor.contents.bytes_contents.extend(i.encode() for i in ids)
+            reply = await stub.ModelInfer(request)
+            probs = _probabilities(reply)
+            defaulted = (
+                reply.parameters["defaulted_rows"].string_param
+                if "defaulted_rows" in reply.parameters
+                else ""
+            )
+            flagged = {int(i) for i in defaulted.split(",") if i}
+            for i, customer in enumerate(ids):
+                note = "  (unknown: the view's defaults)" if i in flagged else ""
+                print(f"  {customer:<14} churn probability {probs[i, 1]:.4f}{note}")
+            print(
+                f"\nburst: {requests} requests of one row per model, concurrency {concurrency} "
+                "(the client shares this process and event loop; make bench measures properly)"
+            )
             print(
                 f"{'model':<11} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean batch':>11}"
             )
@@ -106,6 +148,7 @@ async def _demo(registry: Path, requests: int, concurrency: int) -> None:
 
 
 def run_demo(registry: Path, *, requests: int = 2000, concurrency: int = 32) -> int:
+    registry = registry.resolve()
     present = registry.exists() and set(MODELS) <= set(FileRegistry(registry).list_models())
     if not present:
         print(f"building the demo models into {registry} (scikit-learn + skl2onnx) ...")
