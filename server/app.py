@@ -9,12 +9,9 @@ models unload.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -38,6 +35,7 @@ from server.observability.metrics import (
     MirrorCollector,
 )
 from server.pipeline import InferencePipeline
+from server.readiness import write_ready_file
 from server.shadow import PairLog
 
 log = logging.getLogger(__name__)
@@ -53,15 +51,6 @@ def open_feature_store(url: str) -> FeatureStore:
     from server.features.redis_store import RedisFeatureStore
 
     return RedisFeatureStore(url)
-
-
-def write_ready_file(path: str, payload: dict[str, Any]) -> None:
-    """Atomically publish the bound ports (tests and tools start servers on port 0)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".ready-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh)
-    os.replace(tmp, target)
 
 
 class App:

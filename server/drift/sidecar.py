@@ -29,7 +29,6 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import time
 import urllib.request
 from array import array
@@ -63,6 +62,7 @@ from server.drift.profile import PROFILE_FILE, Histogram, ReferenceProfile
 from server.drift.report import render_html, report_to_dict
 from server.drift.stats import AlertGate, Comparison, compare, roc_auc
 from server.errors import ConfigError
+from server.readiness import write_ready_file
 
 log = logging.getLogger("server.drift.sidecar")  # also when run as __main__
 
@@ -875,15 +875,6 @@ class DriftServicer:
 
     async def Report(self, request: pb.ReportRequest, context: Any) -> pb.DriftReport:
         return self.monitor.report(request.model, request.version, refresh=request.refresh)
-
-
-def write_ready_file(path: str, payload: dict[str, Any]) -> None:
-    """Atomically publish the bound ports (same format as the server's ready file)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".ready-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh)
-    os.replace(tmp, target)
 
 
 class Sidecar:
