@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from registry_client import Registry, open_registry
+from registry_client import Registry, RegistryError, open_registry
 from server.api.admin import AdminServicer
 from server.api.server import Health, TlsFiles, build_server
 from server.api.servicer import InferenceServicer
@@ -69,7 +69,12 @@ class App:
             raise ConfigError("server.registry: no model registry configured (--registry DIR)")
         self.settings = settings
         self.clock = clock or MonotonicClock()
-        self.registry: Registry = registry or open_registry(settings.server.registry)
+        try:
+            self.registry: Registry = registry or open_registry(
+                settings.server.registry, cache_dir=settings.server.registry_cache_dir or None
+            )
+        except RegistryError as exc:
+            raise ConfigError(f"server.registry: {exc}") from exc
         self.metrics = Metrics()
         self.models = ModelManager(self.registry, self.clock, self.metrics)
         self.features: FeatureLookup | None = None

@@ -89,6 +89,8 @@ class ServerSettings:
     grpc_port: int = 8001
     metrics_port: int = 8002
     registry: str = ""
+    # Where artifacts fetched from a remote registry (MLflow) are cached; empty: the user cache.
+    registry_cache_dir: str = ""
     workers: int = 1
     grace_period_s: float = 10.0
     max_message_bytes: int = 64 * 1024 * 1024

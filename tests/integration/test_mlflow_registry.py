@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -483,3 +484,47 @@ def test_a_4xx_is_raised_at_once_with_the_servers_error_code(scripted: ScriptedS
     assert "/thing?name=a+b" in str(exc.value)
     assert "no such thing" in str(exc.value)
     assert scripted.hits == 1
+
+
+async def test_server_serves_from_mlflow_and_follows_an_alias_move_under_load(
+    start_app: Any, registry: MlflowRegistry, demo: FileRegistry, name: str, tmp_path: Path
+) -> None:
+    """The seed's flow end to end: register in MLflow, serve name@production, move the alias."""
+    import asyncio
+
+    import grpc
+    import numpy as np
+
+    from server._proto import inference_pb2 as pb
+    from server._proto import inference_pb2_grpc as pb_grpc
+
+    first = copy_in(registry, name, demo.get_version("churn", "1"))
+    second = copy_in(registry, name, demo.get_version("churn", "2"))
+    registry.set_alias(name, "production", first.version)
+    app = await start_app(
+        models=(f"{name}@production",),
+        registry="mlflow+" + registry.base_url,
+        server={"registry_cache_dir": str(tmp_path / "server-cache")},
+    )
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
+    request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert (await stub.ModelInfer(request, timeout=10)).model_version == first.version
+        done = asyncio.Event()
+        seen: list[str] = []
+
+        async def client() -> None:
+            while not done.is_set():
+                seen.append((await stub.ModelInfer(request, timeout=10)).model_version)
+
+        load = [asyncio.create_task(client()) for _ in range(4)]
+        await asyncio.to_thread(registry.set_alias, name, "production", second.version)
+        outcome = await app.models.reload(name)
+        after = await stub.ModelInfer(request, timeout=10)
+        done.set()
+        await asyncio.gather(*load)  # any failed request would raise here
+    assert (outcome.previous_version, outcome.version) == (first.version, second.version)
+    assert after.model_version == second.version
+    assert first.version in seen
