@@ -171,7 +171,7 @@ class App:
         if server_settings.metrics_port >= 0:
             self._http, _thread = start_http_server(
                 server_settings.metrics_port,
-                addr=server_settings.host,
+                addr=server_settings.metrics_host or server_settings.host,
                 registry=self.metrics.registry,
             )
             self.metrics_port = self._http.server_port

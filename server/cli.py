@@ -43,15 +43,16 @@ def _serve_one(settings: Settings) -> None:
 
 
 def _worker(settings: Settings, index: int) -> None:
-    # Each worker: its own process, batchers and metrics port (base + index).
+    # Each worker: its own process and batchers; its metrics on an internal loopback port
+    # (metrics_port + 1 + index) that the parent merges into metrics_port.
     server = settings.server
-    metrics_port = server.metrics_port + index if server.metrics_port > 0 else server.metrics_port
+    metrics_port = server.metrics_port + 1 + index if server.metrics_port > 0 else -1
     ready_file = f"{server.ready_file}.{index}" if server.ready_file else ""
     _serve_one(
         replace(
             settings,
             server=replace(
-                server, workers=server.workers, metrics_port=metrics_port, ready_file=ready_file
+                server, metrics_port=metrics_port, metrics_host="127.0.0.1", ready_file=ready_file
             ),
         )
     )
@@ -66,6 +67,18 @@ def _serve_workers(settings: Settings) -> int:
     ]
     for proc in procs:
         proc.start()
+    server = settings.server
+    if server.metrics_port > 0:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from server.observability.aggregate import WorkerMetrics
+
+        registry = CollectorRegistry()
+        ports = [server.metrics_port + 1 + i for i in range(server.workers)]
+        registry.register(WorkerMetrics(ports))
+        start_http_server(
+            server.metrics_port, addr=server.metrics_host or server.host, registry=registry
+        )
 
     def forward(signum: int, _frame: object) -> None:
         for proc in procs:

@@ -88,6 +88,8 @@ class ServerSettings:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # Where the metrics endpoint listens; empty: `host`. (--workers binds theirs to loopback.)
+    metrics_host: str = ""
     registry: str = ""
     # Where artifacts fetched from a remote registry (MLflow) are cached; empty: the user cache.
     registry_cache_dir: str = ""

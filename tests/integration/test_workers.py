@@ -1,0 +1,99 @@
+"""--workers N: processes share the gRPC port; the parent's metrics endpoint merges theirs."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from server._proto import inference_pb2 as pb
+from server._proto import inference_pb2_grpc as pb_grpc
+from tests.integration.conftest import ROOT
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` consecutive free ports (the workers' metrics ports follow the parent's)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        try:
+            socks = []
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return list(range(base, base + count))
+    raise RuntimeError("no run of free ports")
+
+
+def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_two_workers_share_the_port_and_their_metrics_add_up(
+    demo_registry: Path, tmp_path: Path
+) -> None:
+    (grpc_port,) = _free_ports(1)
+    metrics_port, *worker_ports = _free_ports(3)
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--registry", str(demo_registry),
+         "--model", "churn@production", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+         "--metrics-port", str(metrics_port), "--workers", "2", "--ready-file", str(ready)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not all(Path(f"{ready}.{i}").exists() for i in range(2)):
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "workers not ready"
+            time.sleep(0.05)
+        request = pb.ModelInferRequest(model_name="churn")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
+        request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+        sent = 0
+        for n in range(20):  # separate connections, spread by SO_REUSEPORT
+            options = [("grpc.use_local_subchannel_pool", 1), ("test.conn", n)]
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=options) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                for _ in range(10):
+                    stub.ModelInfer(request, timeout=10)
+                    sent += 1
+        ok = (("model", "churn"), ("status", "OK"), ("version", "1"))
+        merged = _samples(metrics_port)
+        per_worker = [_samples(p).get(("batchline_requests_total", ok), 0.0) for p in worker_ports]
+        assert merged[("batchline_requests_total", ok)] == sent == sum(per_worker)
+        assert all(count > 0 for count in per_worker), per_worker  # both workers served
+        info = [k for k in merged if k[0] == "batchline_model_info"]
+        assert [merged[k] for k in info] == [1.0]  # state, not a sum
+        assert (
+            merged[
+                ("batchline_request_duration_seconds_count", (("model", "churn"), ("version", "1")))
+            ]
+            == sent
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
