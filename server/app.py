@@ -35,6 +35,7 @@ from server.observability.metrics import (
     MirrorCollector,
 )
 from server.pipeline import InferencePipeline
+from server.promotion import PromotionGate
 from server.readiness import write_ready_file
 from server.shadow import PairLog
 
@@ -134,6 +135,7 @@ class App:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
+        self._gate: asyncio.Task[None] | None = None
         self._servicer: InferenceServicer | None = None
 
     @property
@@ -176,6 +178,10 @@ class App:
             )
             self.metrics_port = self._http.server_port
         await self.models.start_mirrors()
+        if any(m.gate_action != "off" for m in self.settings.models):
+            self._gate = asyncio.create_task(
+                PromotionGate(self.models, self.pair_log).run(server_settings.gate_interval_s)
+            )
         if server_settings.poll_interval_s > 0:
             self._watcher = asyncio.create_task(self.models.watch(server_settings.poll_interval_s))
         self._ready = True
@@ -208,6 +214,8 @@ class App:
         self._ready = False
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._gate is not None:
+            self._gate.cancel()
         self.pipeline.stop_accepting()
         await self.health.set_serving(False)
         try:

@@ -34,6 +34,7 @@ from server.breaker import BreakerConfig
 from server.drift import DriftSettings
 from server.drift import check_settings as check_drift
 from server.errors import ConfigError
+from server.shadow import GateConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,11 @@ class ModelSettings:
     shadow_concurrency: int = 1
     # Mirrored work is shed while the primary's queue holds more than this share of its bound.
     shadow_shed_above: float = 0.5
+    # The automatic promotion gate over shadow pairs: "off", "log" (decide and log) or "apply"
+    # (move the alias to a passing shadow, drop a failing one). [models.NAME.gate] holds
+    # min_requests, min_agreement, max_mean_abs_diff, max_error_rate.
+    gate_action: str = "off"
+    gate: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,8 @@ class ServerSettings:
     # Where shadow pairs go besides memory (JSON lines, rotated); read by `batchline shadow report`.
     shadow_log: str = ""
     shadow_log_max_pairs: int = 10000
+    # Seconds between promotion-gate checks (models with gate_action other than "off").
+    gate_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,12 @@ def _check_model(key: str, m: ModelSettings) -> None:
             f"{key}.shadow_sample_percent: expected (0, 100], got {m.shadow_sample_percent}"
         )
     at_least("shadow_queue_size", m.shadow_queue_size, 1)
+    if m.gate_action not in ("off", "log", "apply"):
+        raise ConfigError(f"{key}.gate_action: expected off, log or apply, got {m.gate_action!r}")
+    try:
+        GateConfig.from_dict(m.gate)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}.gate.{exc}") from None
     at_least("shadow_concurrency", m.shadow_concurrency, 1)
     if not 0 < m.shadow_shed_above <= 1:
         raise ConfigError(f"{key}.shadow_shed_above: expected (0, 1], got {m.shadow_shed_above}")

@@ -215,6 +215,10 @@ class ModelManager:
         self._default: dict[str, ServedModel] = {}
         self.slots: dict[str, ModelSlot] = {}
 
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
     def versions(self, name: str) -> dict[str, ServedModel]:
         return self._versions.get(name, {})
 

@@ -1,0 +1,106 @@
+"""The automatic promotion gate: promote a shadow that agrees with the primary, drop one that
+does not, from the side-by-side pairs the mirror collects.
+
+Per model with `gate_action` other than "off", every `gate_interval_s`: the pairs since the
+shadow joined the route (same primary version) are compared (server/shadow.py) and judged by
+`evaluate_gate`. Every decision other than "wait" is logged with its numbers. With
+`gate_action = "apply"`, "promote" moves the model's alias to the shadow's version in the
+registry and reloads (the shadow becomes the primary, through the usual safe swap), and
+"rollback" removes the shadow from the route. Canary versions yield no pairs; gate them by
+hand (`batchline registry promote`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+from server.errors import ServingError
+from server.models import ModelManager
+from server.shadow import GateConfig, GateDecision, PairLog, compare, evaluate_gate
+
+log = logging.getLogger(__name__)
+
+
+class PromotionGate:
+    def __init__(
+        self, models: ModelManager, pair_log: PairLog, *, count_from_ns: int | None = None
+    ) -> None:
+        """`count_from_ns`: pairs older than this never count (default: from each shadow's
+        first check, so a route change starts a fresh judgement)."""
+        self._models = models
+        self._pairs = pair_log
+        self._count_from = count_from_ns
+        # When each (model, shadow version) joined its current route (pairs before don't count).
+        self._since: dict[tuple[str, str, str], int] = {}
+
+    async def check(self, name: str) -> dict[str, GateDecision]:
+        """Judge every shadow of `name` once; act on the decisions when asked to."""
+        slot = self._models.slots[name]
+        settings = slot.settings
+        route = slot.route
+        if settings.gate_action == "off" or route is None or not route.shadows:
+            return {}
+        config = GateConfig.from_dict(settings.gate)
+        contents = self._pairs.contents()
+        decisions = {}
+        for spec in route.shadows:
+            key = (name, route.primary, spec.version)
+            since = self._since.setdefault(
+                key, time.time_ns() if self._count_from is None else self._count_from
+            )
+            pairs = [
+                p
+                for p in contents.pairs
+                if p.model == name
+                and p.shadow_version == spec.version
+                and p.primary_version == route.primary
+                and p.time_unix_ns >= since
+            ]
+            failures = contents.failures.get((name, spec.version), 0)
+            reports = compare(pairs, failures={(name, spec.version): failures})
+            if not reports:
+                continue
+            decision = evaluate_gate(reports[0], failures, config)
+            decisions[spec.version] = decision
+            if decision.action == "wait":
+                continue
+            log.warning(
+                "promotion gate for %s version %s (primary %s): %s%s",
+                name,
+                spec.version,
+                route.primary,
+                decision.summary(),
+                "" if settings.gate_action == "apply" else " (gate_action = log: not applied)",
+            )
+            if settings.gate_action == "apply":
+                await self._apply(name, spec.version, decision)
+                break  # the route changed: judge the rest next time
+        return decisions
+
+    async def _apply(self, name: str, version: str, decision: GateDecision) -> None:
+        slot = self._models.slots[name]
+        route = slot.route
+        assert route is not None
+        if decision.action == "promote":
+            alias = slot.current.alias or "production"
+            registry = self._models.registry
+            await asyncio.get_running_loop().run_in_executor(
+                None, registry.set_alias, name, alias, version
+            )
+            await self._models.reload(name)
+        else:
+            shadows = tuple(s for s in route.shadows if s.version != version)
+            await self._models.set_route(name, replace(route, shadows=shadows))
+
+    async def run(self, interval_s: float) -> None:
+        """Check every gated model every `interval_s`, until cancelled; errors are logged."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for name in list(self._models.slots):
+                try:
+                    await self.check(name)
+                except ServingError as exc:
+                    log.error("promotion gate for %s could not act: %s", name, exc.message)
