@@ -34,6 +34,7 @@ from server.observability.metrics import (
     Metrics,
     MirrorCollector,
 )
+from server.observability.tracing import Tracing
 from server.pipeline import InferencePipeline
 from server.promotion import PromotionGate
 from server.readiness import write_ready_file
@@ -77,7 +78,12 @@ class App:
         except RegistryError as exc:
             raise ConfigError(f"server.registry: {exc}") from exc
         self.metrics = Metrics()
-        self.models = ModelManager(self.registry, self.clock, self.metrics)
+        try:
+            self.tracing = Tracing.from_settings(settings.tracing)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        active_tracing = self.tracing if self.tracing.enabled else None
+        self.models = ModelManager(self.registry, self.clock, self.metrics, tracing=active_tracing)
         self.features: FeatureLookup | None = None
         feature_metrics: FeatureMetrics | None = None
         if settings.server.feature_store:
@@ -118,6 +124,7 @@ class App:
             feature_observer=feature_metrics,
             feature_breaker=feature_breaker,
             drift=self.drift,
+            tracing=active_tracing,
         )
         self.pair_log = PairLog(
             settings.server.shadow_log_max_pairs, path=settings.server.shadow_log or None
@@ -152,6 +159,7 @@ class App:
             max_tensor_elements=server_settings.max_tensor_elements,
             is_ready=lambda: self._ready,
             admin_token=server_settings.admin_token,
+            tracing=self.tracing if self.tracing.enabled else None,
         )
         self._server, self.grpc_port = build_server(
             servicer,
@@ -238,6 +246,7 @@ class App:
         if self._server is not None:
             await self._server.stop(grace=0.5)
         await self.models.stop_mirrors()
+        await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self.drift is not None:
             await self.drift.stop(self.settings.drift.flush_timeout_s)
         self.pair_log.close()

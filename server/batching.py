@@ -160,8 +160,22 @@ class _NullObserver:
         pass
 
 
+class BatchTracer(Protocol):
+    """Records a traced batch: each sampled request's queue wait, one span linked to them all."""
+
+    def batch(
+        self,
+        traces: Sequence[object],
+        enqueued: Sequence[float],
+        started: float,
+        finished: float,
+        rows: int,
+        ok: bool,
+    ) -> None: ...
+
+
 class _Entry:
-    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "queued", "rows")
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "queued", "rows", "trace")
 
     def __init__(
         self,
@@ -179,6 +193,7 @@ class _Entry:
         self.deadline = deadline
         self.enqueued = enqueued
         self.queued = True
+        self.trace: object = None
 
 
 RunSync = Callable[[Arrays], Outputs]
@@ -201,7 +216,9 @@ class DynamicBatcher:
         *,
         executor: object | None = None,
         observer: BatchObserver | None = None,
+        tracer: BatchTracer | None = None,
     ) -> None:
+        self._tracer = tracer
         self.name = name
         self.policy = policy
         self._run = run
@@ -233,7 +250,9 @@ class DynamicBatcher:
 
     # ---- the caller's side --------------------------------------------------------------
 
-    async def submit(self, inputs: Arrays, rows: int, deadline: float | None = None) -> Outputs:
+    async def submit(
+        self, inputs: Arrays, rows: int, deadline: float | None = None, trace: object = None
+    ) -> Outputs:
         """Run `rows` rows through the model with other callers'; return this caller's rows."""
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
@@ -253,6 +272,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         entry = _Entry(inputs, rows, shape_key(inputs), future, deadline, self._clock.now())
+        if trace is not None:
+            entry.trace = trace
         self._queue.append(entry)
         self._queued_rows += rows
         self._idle.clear()
@@ -437,6 +458,8 @@ class DynamicBatcher:
         self._observer.batch_done(
             rows, [started - e.enqueued for e in batch], finished - started, True
         )
+        if self._tracer is not None:
+            self._trace(batch, started, finished, rows, True)
 
     def _fail(self, batch: list[_Entry], exc: BaseException, started: float) -> None:
         finished = self._clock.now()
@@ -446,12 +469,20 @@ class DynamicBatcher:
         for entry in batch:
             if not entry.future.done():
                 entry.future.set_exception(exc)
+        rows = sum(e.rows for e in batch)
         self._observer.batch_done(
-            sum(e.rows for e in batch),
-            [started - e.enqueued for e in batch],
-            finished - started,
-            False,
+            rows, [started - e.enqueued for e in batch], finished - started, False
         )
+        if self._tracer is not None:
+            self._trace(batch, started, finished, rows, False)
+
+    def _trace(
+        self, batch: list[_Entry], started: float, finished: float, rows: int, ok: bool
+    ) -> None:
+        traces = [e.trace for e in batch]
+        if any(t is not None for t in traces):
+            assert self._tracer is not None
+            self._tracer.batch(traces, [e.enqueued for e in batch], started, finished, rows, ok)
 
     def _check_idle(self) -> None:
         if self._queued_rows == 0 and self._in_flight == 0 and self._alone == 0:

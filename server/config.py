@@ -34,6 +34,7 @@ from server.breaker import BreakerConfig
 from server.drift import DriftSettings
 from server.drift import check_settings as check_drift
 from server.errors import ConfigError
+from server.observability.tracing import TracingSettings
 from server.shadow import GateConfig
 
 
@@ -142,11 +143,14 @@ class Settings:
     models: tuple[ModelSettings, ...] = ()
     # The drift producer in the server and the sidecar process ([drift]; server/drift).
     drift: DriftSettings = field(default_factory=DriftSettings)
+    # Which requests are traced and where spans go ([tracing]; server/observability/tracing).
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 _MODEL_KEYS = {f.name: f for f in fields(ModelSettings) if f.name != "name"}
 _SERVER_KEYS = {f.name: f for f in fields(ServerSettings)}
 _DRIFT_KEYS = {f.name: f for f in fields(DriftSettings)}
+_TRACING_KEYS = {f.name: f for f in fields(TracingSettings)}
 _ENV = {
     "BATCHLINE_HOST": "host",
     "BATCHLINE_GRPC_PORT": "grpc_port",
@@ -347,11 +351,16 @@ def load_settings(
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"server", "model_defaults", "models", "drift"}
+    unknown = set(data) - {"server", "model_defaults", "models", "drift", "tracing"}
     if unknown:
         raise ConfigError(
-            f"unknown key {sorted(unknown)[0]} (known: drift, model_defaults, models, server)"
+            f"unknown key {sorted(unknown)[0]} "
+            "(known: drift, model_defaults, models, server, tracing)"
         )
+    try:
+        tracing = TracingSettings(**_apply("tracing", _TRACING_KEYS, data.get("tracing", {})))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     drift = DriftSettings(**_apply("drift", _DRIFT_KEYS, data.get("drift", {})))
     check_drift(drift)
 
@@ -391,7 +400,7 @@ def load_settings(
         model = ModelSettings(name=name, **merged)
         _check_model(f"models.{name}", model)
         models.append(model)
-    return Settings(server=server, models=tuple(models), drift=drift)
+    return Settings(server=server, models=tuple(models), drift=drift, tracing=tracing)
 
 
 def environ() -> Mapping[str, str]:

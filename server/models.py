@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,32 @@ class ModelSlot:
     # Canary and shadow versions, and the mirror that feeds the shadows.
     route: Route | None = None
     mirror: ShadowMirror[ShadowPair] | None = None
+
+
+class _BatchTraces:
+    """The batcher's tracing hook: each sampled request's queue wait, and a batch span linked
+    to every request it served (server/observability/tracing.Tracing)."""
+
+    def __init__(self, tracing: Any, model: str, version: str) -> None:
+        self._tracing = tracing
+        self._model = model
+        self._version = version
+
+    def batch(
+        self,
+        traces: Sequence[object],
+        enqueued: Sequence[float],
+        started: float,
+        finished: float,
+        rows: int,
+        ok: bool,
+    ) -> None:
+        to_ns = self._tracing.epoch_ns
+        start, end = to_ns(started), to_ns(finished)
+        for trace, queued_at in zip(traces, enqueued, strict=True):
+            if trace is not None:
+                trace.child("queue_wait", to_ns(queued_at), start)  # type: ignore[attr-defined]
+        self._tracing.record_batch(self._model, self._version, rows, start, end, ok, traces)
 
 
 def _configured_route(settings: ModelSettings, primary: str) -> Route:
@@ -206,7 +233,9 @@ class ModelManager:
         metrics: Metrics,
         *,
         runtime_factory: Callable[[str, RuntimeOptions], OnnxModel] = OnnxModel,
+        tracing: Any = None,
     ) -> None:
+        self._tracing = tracing
         self._registry = registry
         self._clock = clock
         self._metrics = metrics
@@ -502,6 +531,7 @@ class ModelManager:
             self._clock,
             executor=executor,
             observer=observer,
+            tracer=_BatchTraces(self._tracing, mv.name, mv.version) if self._tracing else None,
         )
         batcher_ref.append(batcher)
         self._metrics.model_info.labels(mv.name, mv.version, alias or "", mv.sha256).set(1)

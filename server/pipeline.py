@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -74,8 +74,10 @@ class InferencePipeline:
         feature_observer: FeatureObserver | None = None,
         feature_breaker: CircuitBreaker | None = None,
         drift: PredictionSink | None = None,
+        tracing: Any = None,
     ) -> None:
         self._drift = drift
+        self._tracing = tracing
         self.models = models
         self._clock = clock
         self._features = features
@@ -178,7 +180,9 @@ class InferencePipeline:
         if permit is None:
             return await self._fallback(served, request, parameters)
         try:
-            submitted = served.batcher.submit(request.inputs, request.rows, request.deadline)
+            submitted = served.batcher.submit(
+                request.inputs, request.rows, request.deadline, request.trace
+            )
             timeout = served.settings.timeout_ms
             outputs = await (asyncio.wait_for(submitted, timeout / 1000) if timeout else submitted)
         except (ModelError, TimeoutError) as exc:
@@ -357,6 +361,9 @@ class InferencePipeline:
         finally:
             if observer is not None:
                 observer.fetched(served.key, len(ids), self._clock.now() - start)
+        if request.trace is not None and self._tracing is not None:
+            to_ns = self._tracing.epoch_ns
+            request.trace.child("feature_fetch", to_ns(start), to_ns(self._clock.now()))
         matrix, defaulted, filled = view.to_matrix(ids, blobs, time.time_ns() / 1e9)
         parameters: dict[str, object] = {}
         if defaulted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +88,8 @@ class InferRequest:
     raw_output: bool = True
     deadline: float | None = None
     parameters: dict[str, object] = field(default_factory=dict)
+    # The request's trace when it is sampled (server/observability/tracing.RequestTrace).
+    trace: Any = None
 
 
 @dataclass(slots=True)

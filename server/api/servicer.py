@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -52,8 +53,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         max_tensor_elements: int,
         is_ready: Callable[[], bool],
         admin_token: str = "",
+        tracing: Any = None,
     ) -> None:
         self._admin_token = admin_token
+        # server/observability/tracing.Tracing when tracing is on; None costs one check.
+        self._tracing = tracing
         self._pipeline = pipeline
         self._clock = clock
         self._max_elements = max_tensor_elements
@@ -65,7 +69,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     # ---- inference ------------------------------------------------------------------------
 
-    async def _infer(self, request: Any, remaining: float | None) -> Any:
+    async def _infer(self, request: Any, remaining: float | None, trace: Any = None) -> Any:
         if not request.model_name:
             raise InvalidArgument("model_name is required")
         served = self._pipeline.resolve(request.model_name, request.model_version)
@@ -89,7 +93,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         except ServingError as exc:
             served.observer.request_done(0.0, exc.kind.name)
             raise
+        decoded.trace = trace
         result = await self._pipeline.infer(served, decoded)
+        if trace is None:
+            return self._encode(result)
+        began = time.time_ns()
+        encoded = self._encode(result)
+        trace.child("encode", began, time.time_ns())
+        return encoded
+
+    def _encode(self, result: Any) -> Any:
         if result.raw_output:
             try:
                 return self._wire.encode(result)
@@ -99,10 +112,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.last_call = self._clock.now()
+        if self._tracing is None:
+            try:
+                return await self._infer(request, context.time_remaining())
+            except ServingError as exc:
+                await abort(context, exc)
+        return await self._traced(request, context)
+
+    async def _traced(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """ModelInfer with a span (continuing the caller's traceparent) when sampled."""
+        assert self._tracing is not None
+        trace = self._tracing.start_request(
+            "ModelInfer",
+            context.invocation_metadata(),
+            {
+                "rpc.system": "grpc",
+                "batchline.model": request.model_name,
+                "batchline.request_id": request.id,
+            },
+        )
         try:
-            return await self._infer(request, context.time_remaining())
+            reply = await self._infer(request, context.time_remaining(), trace)
         except ServingError as exc:
+            if trace is not None:
+                trace.end(exc.kind.name, exc.message)
             await abort(context, exc)
+        except asyncio.CancelledError:
+            if trace is not None:
+                trace.end("CANCELLED")
+            raise
+        except BaseException:
+            if trace is not None:
+                trace.end("INTERNAL")
+            raise
+        if trace is not None:
+            trace.end()
+        return reply
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext

@@ -43,7 +43,6 @@ import importlib.util
 import logging
 import marshal
 import os
-import pickle
 import random
 import re
 import select
@@ -113,7 +112,6 @@ _REQUEST = 0
 _BATCH = 1
 _FRAME = struct.Struct("!IB")  # payload size, encoding
 _MARSHAL = 0
-_PICKLE = 1
 _time_ns = time.time_ns
 _getrandbits = random.getrandbits
 
@@ -851,12 +849,23 @@ class _NullExporter(SpanExporter):
 
 def encode_records(records: list[Record]) -> bytes:
     """One frame for the export process: marshal (the fastest encoding of plain values, and the
-    export process runs this same interpreter); pickle when an attribute value isn't plain."""
+    export process runs this same interpreter). A value marshal cannot carry becomes its str:
+    no pickle anywhere in the server."""
     try:
-        payload, encoding = marshal.dumps(records), _MARSHAL
+        payload = marshal.dumps(records)
     except ValueError:
-        payload, encoding = pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL), _PICKLE
-    return _FRAME.pack(len(payload), encoding) + payload
+        payload = marshal.dumps(_plain(records))
+    return _FRAME.pack(len(payload), _MARSHAL) + payload
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return value
+    if isinstance(value, tuple | list):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return str(value)
 
 
 def serve_exports(stream: IO[bytes], exporter: SpanExporter, builder: SpanBuilder) -> int:
@@ -873,7 +882,9 @@ def serve_exports(stream: IO[bytes], exporter: SpanExporter, builder: SpanBuilde
         if len(payload) < size:
             break
         # The pipe's only writer is the server process that started this one.
-        records = marshal.loads(payload) if encoding == _MARSHAL else pickle.loads(payload)
+        if encoding != _MARSHAL:
+            raise ValueError(f"unknown frame encoding {encoding}")
+        records = marshal.loads(payload)
         spans: list[ReadableSpan] = []
         builder.build(records, spans)
         _export(exporter, spans)
