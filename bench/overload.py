@@ -1,0 +1,456 @@
+"""`python -m bench.overload`: load shedding under twice the load the server can carry.
+
+1. Unloaded and capacity: batchline with its default settings, loadtest unary on one model
+   (churn): c=1 gives the unloaded p50/p99, c=64 the capacity C (req/s).
+2. Overload: batchline with `max_in_flight` / `max_queue_size` set low enough that it sheds;
+   loadtest (its own process) offers 2 x C req/s with `--rps`, with enough workers that the rate
+   holds. loadtest keeps latencies of successful calls only, so a light probe client beside it
+   sends paced calls of its own and records every call's latency by status.
+
+Reported: the offered and admitted req/s, admitted p50/p99 against the unloaded p99 (target:
+admitted p99 <= 2 x unloaded p99), the share answered RESOURCE_EXHAUSTED and how fast those
+answers come back (probe p50/p99; target: a millisecond or two), the server's own counts and
+CPU. A table on stdout and bench/results/overload.json, with the settings that produced them.
+
+The load generator shares the machine's cores with the server: on a small machine the numbers
+describe the pair, not the server alone. Run it twice and compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    popen: subprocess.Popen[bytes]
+    grpc_port: int
+    metrics_port: int
+    pid: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
+def start_server(
+    registry: Path, model: str | tuple[str, ...], tag: str, config: str = ""
+) -> Server:
+    """`batchline serve` for the model(s) at @production on free ports; `config` is TOML text."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    ready = RESULTS / f".ready-{tag}.json"
+    ready.unlink(missing_ok=True)
+    log = RESULTS / f".{tag}.log"
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--log-level", "warning", "--ready-file", str(ready),
+    ]  # fmt: skip
+    for name in (model,) if isinstance(model, str) else model:
+        cmd += ["--model", f"{name}@production"]
+    if config:
+        path = RESULTS / f".{tag}.toml"
+        path.write_text(config)
+        cmd += ["--config", str(path)]
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if popen.poll() is not None or time.monotonic() > deadline:
+            popen.kill()
+            raise RuntimeError(f"{tag} did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    ready.unlink()
+    return Server(popen, info["grpc_port"], info["metrics_port"], info["pid"], log)
+
+
+def metric(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+# ---- load ------------------------------------------------------------------------------------
+
+
+def percentiles_ms(report: dict[str, Any]) -> dict[float, float]:
+    return {p["percentage"]: p["latency"] / 1e6 for p in report["latencyDistribution"]}
+
+
+def loadtest_inprocess(
+    server: Server, model: str, concurrency: int, seconds: float, rows: int
+) -> dict[str, Any]:
+    from loadtest import Options, run
+
+    report = run(
+        Options(
+            server.address,
+            model=model,
+            rows=rows,
+            concurrency=concurrency,
+            duration_s=seconds,
+            skip_first=min(500, concurrency * 8),
+            timeout_s=10.0,
+        )
+    )
+    return report.to_dict()
+
+
+def loadtest_process(
+    server: Server, case: Case, rps: float, args: argparse.Namespace, out: Path
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "loadtest", server.address, "--model", case.model,
+        "--rows", str(case.rows), "-c", str(args.overload_concurrency),
+        "--connections", str(max(args.procs, 4)), "--procs", str(args.procs),
+        "--rps", f"{rps:.0f}", "-z", f"{args.seconds}s", "-t", "5s", "--skipFirst", "200",
+        "-O", "json", "-o", str(out),
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def probe(
+    server: Server, case: Case, rps: float, seconds: float, delay: float
+) -> list[tuple[str, float]]:
+    """Open-loop paced calls (each sent on schedule, not after the previous one ends); every
+    call's (status, seconds)."""
+    import grpc
+
+    from server._proto import inference_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=case.model)
+    request.inputs.add(name="input", datatype="FP32", shape=[case.rows, 15])
+    request.raw_input_contents.append(np.zeros((case.rows, 15), np.float32).tobytes())
+    payload = request.SerializeToString()
+    out: list[tuple[str, float]] = []
+    tasks: set[asyncio.Task[None]] = set()
+    async with grpc.aio.insecure_channel(
+        server.address, options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        await call(payload, timeout=10)  # connected and warm
+        await asyncio.sleep(delay)
+
+        async def one() -> None:
+            start = time.perf_counter()
+            try:
+                await call(payload, timeout=5)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            out.append((code, time.perf_counter() - start))
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(int(rps * seconds)):
+            wait = t0 + i / rps - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            task = asyncio.create_task(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+    return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) * 1000 if values else None
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One overload experiment: a model, rows per request and model settings (TOML lines)."""
+
+    name: str
+    model: str
+    rows: int = 1
+    model_settings: str = ""
+
+
+CASES = {
+    # The brief's case: a model that costs microseconds, so the gRPC layer is the bottleneck.
+    "churn": Case("churn, 1 row (RPC-bound)", "churn"),
+    # A model that costs milliseconds, run off the event loop: the model is the bottleneck.
+    "churn_mlp": Case(
+        "churn_mlp, 32 rows, executor (model-bound)",
+        "churn_mlp",
+        rows=32,
+        model_settings='execution = "executor"\n',
+    ),
+}
+
+
+def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    registry = Path(args.registry)
+    model = case.model
+    base_config = (
+        f'[models.{model}]\nref = "{model}@production"\n{case.model_settings}'
+        if case.model_settings
+        else ""
+    )
+    print(f"{case.name}: capacity with default admission settings ...", flush=True)
+    base = start_server(registry, model, "overload-base", base_config)
+    try:
+        unloaded = loadtest_inprocess(base, model, 1, args.seconds, case.rows)
+        capacity = loadtest_inprocess(base, model, args.concurrency, args.seconds, case.rows)
+    finally:
+        base.stop()
+    unloaded_pct = percentiles_ms(unloaded)
+    capacity_rps = capacity["rps"]
+    print(
+        f"  unloaded (c=1): p50 {unloaded_pct[50]:.2f} ms, p99 {unloaded_pct[99]:.2f} ms; "
+        f"capacity (c={args.concurrency}): {capacity_rps:,.0f} req/s, "
+        f"p99 {percentiles_ms(capacity)[99]:.2f} ms",
+        flush=True,
+    )
+    # Little's law: requests in the server = rate x time there. Admitting what capacity x the
+    # unloaded p99 holds keeps an admitted request's wait near one unloaded p99.
+    max_in_flight = args.max_in_flight or max(1, math.ceil(capacity_rps * unloaded_pct[99] / 1000))
+    max_queue_size = args.max_queue_size or max_in_flight * case.rows
+    config = (
+        f'[models.{model}]\nref = "{model}@production"\n{case.model_settings}'
+        f"max_in_flight = {max_in_flight}\nmax_queue_size = {max_queue_size}\n"
+    )
+    offered = capacity_rps * args.factor
+    print(
+        f"  overload: {offered:,.0f} req/s offered, max_in_flight {max_in_flight}, "
+        f"max_queue_size {max_queue_size} rows ...",
+        flush=True,
+    )
+    shed = start_server(registry, model, "overload-shed", config)
+    out = RESULTS / ".overload-loadtest.json"
+    out.unlink(missing_ok=True)
+    try:
+        before = shed.metrics()
+        cpu0 = shed.cpu_seconds()
+        wall0 = time.monotonic()
+        proc = loadtest_process(shed, case, offered, args, out)
+        probed = asyncio.run(
+            probe(shed, case, args.probe_rps, max(1.0, args.seconds - 2.0), delay=1.5)
+        )
+        _, err = proc.communicate(timeout=args.seconds + 120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"loadtest failed: {err.decode()[-2000:]}")
+        server_cpu = (shed.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+        after = shed.metrics()
+    finally:
+        code = shed.stop()
+    if code != 0:
+        print(f"batchline exited with {code}; see {shed.log}", file=sys.stderr)
+    report = json.loads(out.read_text())
+    window_s = report["total"] / 1e9
+    statuses = report["statusCodeDistribution"]
+    count = report["count"]
+    ok = statuses.get("OK", 0)
+    rejected = statuses.get("RESOURCE_EXHAUSTED", 0)
+    admitted_pct = percentiles_ms(report) if ok else {}
+    probe_ok = [s for c, s in probed if c == "OK"]
+    probe_rejected = [s for c, s in probed if c == "RESOURCE_EXHAUSTED"]
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    unloaded_p99 = unloaded_pct[99]
+    admitted_p99 = admitted_pct.get(99)
+    rejected_p99 = _pct(probe_rejected, 99)
+    return {
+        "case": case.name,
+        "settings": {
+            "model": model,
+            "rows_per_request": case.rows,
+            "capacity_concurrency": args.concurrency,
+            "window_s": args.seconds,
+            "factor": args.factor,
+            "overload_concurrency": args.overload_concurrency,
+            "loadtest_procs": args.procs,
+            "probe_rps": args.probe_rps,
+            "capacity_config": base_config or "(none: defaults)",
+            "overload_config": config,
+        },
+        "unloaded": {"rps": unloaded["rps"], "p50_ms": unloaded_pct[50], "p99_ms": unloaded_p99},
+        "capacity": {
+            "rps": capacity_rps,
+            "p50_ms": percentiles_ms(capacity)[50],
+            "p99_ms": percentiles_ms(capacity)[99],
+            "statuses": capacity["statusCodeDistribution"],
+        },
+        "overload": {
+            "offered_target_rps": offered,
+            "offered_rps": count / window_s,
+            "admitted_rps": ok / window_s,
+            "rejected_rps": rejected / window_s,
+            "rejected_share": rejected / count if count else None,
+            "statuses": statuses,
+            "admitted_p50_ms": admitted_pct.get(50),
+            "admitted_p99_ms": admitted_p99,
+            "probe_calls": len(probed),
+            "probe_admitted_p50_ms": _pct(probe_ok, 50),
+            "probe_admitted_p99_ms": _pct(probe_ok, 99),
+            "probe_rejected_p50_ms": _pct(probe_rejected, 50),
+            "probe_rejected_p99_ms": rejected_p99,
+            "probe_statuses": {
+                c: sum(1 for k, _ in probed if k == c) for c in {c for c, _ in probed}
+            },
+            "server_cpu_share": server_cpu,
+            "server_rejected_in_flight_cap": delta(
+                "batchline_dropped_requests_total", reason="in_flight_cap"
+            ),
+            "server_rejected_queue_full": delta(
+                "batchline_dropped_requests_total", reason="queue_full"
+            ),
+            "server_ok": delta("batchline_requests_total", status="OK"),
+        },
+        "targets": [
+            {
+                "target": "admitted p99 / unloaded p99",
+                "measured": None if admitted_p99 is None else admitted_p99 / unloaded_p99,
+                "goal": "<= 2.0",
+                "met": None if admitted_p99 is None else admitted_p99 <= 2 * unloaded_p99,
+            },
+            {
+                "target": "rejected p99 (ms, probe)",
+                "measured": rejected_p99,
+                "goal": "<= 2.0",
+                "met": None if rejected_p99 is None else rejected_p99 <= 2.0,
+            },
+        ],
+    }
+
+
+def _f(value: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def table(r: dict[str, Any]) -> str:
+    o, u, c = r["overload"], r["unloaded"], r["capacity"]
+    lines = [
+        f"### {r['case']}",
+        "",
+        "| phase | req/s | p50 ms | p99 ms | notes |",
+        "|---|---:|---:|---:|---|",
+        f"| unloaded (c=1) | {u['rps']:,.0f} | {u['p50_ms']:.2f} | {u['p99_ms']:.2f} | |",
+        f"| capacity (c={r['settings']['capacity_concurrency']}) | {c['rps']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | |",
+        f"| overload: offered | {o['offered_rps']:,.0f} | | | target {o['offered_target_rps']:,.0f} ({r['settings']['factor']:g} x capacity) |",
+        f"| overload: admitted (OK) | {o['admitted_rps']:,.0f} | {_f(o['admitted_p50_ms'])} | {_f(o['admitted_p99_ms'])} | loadtest |",
+        f"| overload: RESOURCE_EXHAUSTED | {o['rejected_rps']:,.0f} | {_f(o['probe_rejected_p50_ms'])} | {_f(o['probe_rejected_p99_ms'])} | {_f(100 * (o['rejected_share'] or 0), '.1f')} % of calls; latency from the probe |",
+        f"| overload: probe, admitted | | {_f(o['probe_admitted_p50_ms'])} | {_f(o['probe_admitted_p99_ms'])} | {o['probe_calls']} probe calls |",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---:|---|---|",
+    ]
+    for t in r["targets"]:
+        met = "n/a" if t["met"] is None else "yes" if t["met"] else "no"
+        lines.append(f"| {t['target']} | {_f(t['measured'])} | {t['goal']} | {met} |")
+    settings = r["settings"]["overload_config"].strip().replace("\n", "; ")
+    lines += [
+        "",
+        f"overload settings: {settings}. Server CPU {100 * o['server_cpu_share']:.0f} % of a "
+        f"core; it counted {o['server_ok']:.0f} OK, {o['server_rejected_in_flight_cap']:.0f} over "
+        f"max_in_flight, {o['server_rejected_queue_full']:.0f} queue full.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--registry", default=str(ROOT / "demo-registry"))
+    parser.add_argument(
+        "--cases", default="churn,churn_mlp", help=f"comma-separated, of {', '.join(CASES)}"
+    )
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured window per phase")
+    parser.add_argument("--concurrency", type=int, default=64, help="capacity measurement")
+    parser.add_argument("--factor", type=float, default=2.0, help="offered load / capacity")
+    parser.add_argument(
+        "--overload-concurrency", type=int, default=256, help="loadtest workers under overload"
+    )
+    parser.add_argument("--procs", type=int, default=1, help="loadtest processes under overload")
+    parser.add_argument("--probe-rps", type=float, default=200.0)
+    parser.add_argument(
+        "--max-in-flight", type=int, default=0, help="0: capacity x unloaded p99 (Little's law)"
+    )
+    parser.add_argument(
+        "--max-queue-size", type=int, default=0, help="rows; 0: max_in_flight x rows"
+    )
+    args = parser.parse_args()
+    cases = [CASES[name] for name in args.cases.split(",")]
+    registry = Path(args.registry)
+    from registry_client import FileRegistry
+
+    needed = {case.model for case in cases}
+    if not registry.exists() or not needed <= set(FileRegistry(registry).list_models()):
+        from registry_client.demo import build_demo
+
+        print(f"building demo models into {registry} ...", flush=True)
+        build_demo(registry)
+    results = [measure(case, args) for case in cases]
+    document = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load generator": "loadtest (own process) and the probe, on the server's cores",
+        },
+        "cases": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "overload.json").write_text(json.dumps(document, indent=2))
+    for result in results:
+        print("\n" + table(result))
+    print(f"\nwritten: {RESULTS / 'overload.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
