@@ -174,6 +174,7 @@ class App:
             else None,
             max_connection_age_s=server_settings.max_connection_age_s,
             max_connection_age_grace_s=server_settings.max_connection_age_grace_s,
+            max_concurrent_rpcs=server_settings.max_concurrent_rpcs,
         )
         if self.drift is not None:
             await self.drift.start()

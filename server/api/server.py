@@ -87,9 +87,11 @@ def build_server(
     tls: TlsFiles | None = None,
     max_connection_age_s: float = 0.0,
     max_connection_age_grace_s: float = 30.0,
+    max_concurrent_rpcs: int = 0,
 ) -> tuple[grpc.aio.Server, int]:
     """Return the server and the port it really bound (port 0 picks a free one)."""
     server = grpc.aio.server(
+        maximum_concurrent_rpcs=max_concurrent_rpcs or None,
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -102,7 +104,7 @@ def build_server(
             ]
             if max_connection_age_s > 0
             else []
-        )
+        ),
     )
     handlers = method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
