@@ -45,7 +45,7 @@ class BatchPolicy:
     """How one model version batches. Sizes are in rows (the first tensor dimension)."""
 
     max_batch_size: int = 64
-    max_queue_delay_s: float = 0.0005
+    max_queue_delay_s: float = 0.002
     preferred_batch_sizes: tuple[int, ...] = ()
     # Rows allowed to wait; None means unbounded (only when asked for explicitly).
     max_queue_size: int | None = 2048
@@ -87,6 +87,8 @@ def decide(
     free_instances: int,
     in_flight: int,
     busy: bool = False,
+    queued_requests: int = 0,
+    crowd: int = 0,
 ) -> Decision:
     """Whether to cut a batch now, and if not, when to look again.
 
@@ -107,6 +109,10 @@ def decide(
     ):
         return CUT
     if in_flight == 0 and not busy and not policy.preferred_batch_sizes:
+        return CUT
+    # Closed-loop callers come back together: once the queue again holds as many requests as
+    # the last batch served (`crowd`), the ones that were coming have come.
+    if crowd > 1 and queued_requests >= crowd and not policy.preferred_batch_sizes:
         return CUT
     wake_at = oldest_enqueued + policy.max_queue_delay_s
     if now >= wake_at:
@@ -231,6 +237,7 @@ class DynamicBatcher:
         self._instances = 1 if executor is None else policy.instances
         self._scheduled = False
         self._busy = False
+        self._crowd = 0  # requests in the last batch cut
         self._alone = 0  # unbatched runs in progress (policy.enabled = False)
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -336,6 +343,8 @@ class DynamicBatcher:
                 free_instances=self._instances - self._in_flight,
                 in_flight=self._in_flight,
                 busy=self._busy,
+                queued_requests=len(self._queue),
+                crowd=self._crowd,
             )
             if not decision.cut:
                 if decision.wake_at is not None and self._timer is None:
@@ -351,6 +360,7 @@ class DynamicBatcher:
             # Concurrency is evident when a cut finds company; a cut that waited and found
             # none means traffic went quiet, so the next lone request runs at once again.
             self._busy = len(batch) > 1
+            self._crowd = len(batch)
             if self._executor is None:
                 self._execute_inline(batch, now)
                 # Let the loop take in more I/O before the next inline batch.

@@ -47,7 +47,7 @@ class ModelSettings:
     # Dynamic batching (Triton's names where they exist).
     dynamic_batching: bool = True
     max_batch_size: int = 64
-    max_queue_delay_us: int = 500
+    max_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = ()
     # Rows allowed to wait; 0 means unbounded (only when asked for).
     max_queue_size: int = 2048

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from server.clock import Clock
 from server.drift import PredictionSink
 from server.errors import (
     DeadlineExceeded,
+    ErrorKind,
     FailedPrecondition,
     ModelError,
     ResourceExhausted,
@@ -52,6 +54,9 @@ def _scores_and_labels(served: ServedModel) -> tuple[int | None, int | None]:
         elif labels is None and spec.datatype.startswith(("INT", "UINT")):
             labels = i
     return scores, labels
+
+
+log = logging.getLogger(__name__)
 
 
 class FeatureObserver(Protocol):
@@ -156,6 +161,20 @@ class InferencePipeline:
             )
         except ServingError as exc:
             status = exc.kind.name
+            if exc.kind is ErrorKind.INTERNAL:
+                # One JSON line per failed request, with its ids (client mistakes are not logged:
+                # they are counted in batchline_requests_total by status).
+                trace = request.trace
+                log.error(
+                    "request failed: %s",
+                    exc.message,
+                    extra={
+                        "model": served.key.name,
+                        "version": served.key.version,
+                        "request_id": request.id,
+                        "trace_id": f"{trace.trace_id:032x}" if trace is not None else None,
+                    },
+                )
             raise
         except asyncio.CancelledError:
             status = "CANCELLED"

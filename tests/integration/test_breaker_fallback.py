@@ -201,3 +201,28 @@ async def test_a_model_slower_than_timeout_ms_answers_deadline_exceeded_and_coun
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "timeout_ms" in (err.value.details() or "")
     assert breaker.metrics(0.0).buffered_calls == 1
+
+
+async def test_a_failed_request_is_one_json_log_line_with_its_ids(
+    start_app: AppFactory, demo_registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from server.observability.logging import JsonFormatter
+
+    app, failing = await _start(start_app, demo_registry, tmp_path)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = _request(rows(1, poison=True))
+        request.id = "bad-request-7"
+        with (
+            caplog.at_level(logging.ERROR, logger="server.pipeline"),
+            pytest.raises(grpc.aio.AioRpcError),
+        ):
+            await stub.ModelInfer(request, timeout=10)
+    (record,) = [r for r in caplog.records if r.name == "server.pipeline"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["level"] == "error"
+    assert line["request_id"] == "bad-request-7"
+    assert (line["model"], line["version"]) == ("churn", failing)

@@ -298,3 +298,28 @@ def test_split_rows_returns_views_of_the_outputs(counts: list[int]) -> None:
         assert np.shares_memory(label, labels)
         np.testing.assert_array_equal(x, out[start : start + rows])
         start += rows
+
+
+def test_busy_queue_cuts_once_the_last_batchs_crowd_is_back() -> None:
+    """Closed-loop callers return together: no need to wait out the delay for more."""
+    policy = BatchPolicy(max_batch_size=64, max_queue_delay_s=0.002)
+    waiting = decide(
+        policy, queued_rows=3, oldest_enqueued=10.0, now=10.0001, free_instances=1,
+        in_flight=0, busy=True, queued_requests=3, crowd=4,
+    )  # fmt: skip
+    assert not waiting.cut
+    assert waiting.wake_at == pytest.approx(10.002)
+    back = decide(
+        policy, queued_rows=4, oldest_enqueued=10.0, now=10.0001, free_instances=1,
+        in_flight=0, busy=True, queued_requests=4, crowd=4,
+    )  # fmt: skip
+    assert back.cut
+
+
+def test_a_crowd_of_one_never_cuts_early() -> None:
+    policy = BatchPolicy(max_batch_size=64, max_queue_delay_s=0.002)
+    decision = decide(
+        policy, queued_rows=1, oldest_enqueued=10.0, now=10.0001, free_instances=1,
+        in_flight=1, busy=True, queued_requests=1, crowd=1,
+    )  # fmt: skip
+    assert not decision.cut
