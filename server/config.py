@@ -83,6 +83,8 @@ class ModelSettings:
     shadow_concurrency: int = 1
     # Mirrored work is shed while the primary's queue holds more than this share of its bound.
     shadow_shed_above: float = 0.5
+    # ... or while the event loop runs later than this (no spare CPU for mirrored work).
+    shadow_max_loop_lag_ms: float = 2.0
     # The automatic promotion gate over shadow pairs: "off", "log" (decide and log) or "apply"
     # (move the alias to a passing shadow, drop a failing one). [models.NAME.gate] holds
     # min_requests, min_agreement, max_mean_abs_diff, max_error_rate.
@@ -117,7 +119,7 @@ class ServerSettings:
     # Round trips one store may have in flight; lookups arriving meanwhile share the next one.
     feature_max_in_flight: int = 1
     # Under concurrent traffic a round trip waits up to this long for company (eager when idle).
-    feature_max_delay_us: int = 500
+    feature_max_delay_us: int = 2000
     # The breaker around feature-store lookups ([server.feature_breaker], same keys as a
     # model's breaker); while open, lookups answer UNAVAILABLE or the view's defaults.
     feature_breaker: BreakerConfig = field(default_factory=BreakerConfig)

@@ -100,6 +100,33 @@ class ModelSlot:
     mirror: ShadowMirror[ShadowPair] | None = None
 
 
+class LoopLag:
+    """How late the event loop runs: a task sleeps `period_s` and measures how late it wakes,
+    as a moving average (the mirror's "no spare CPU" signal)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self._period = period_s
+        self.lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self._period)
+            late = max(0.0, loop.time() - before - self._period)
+            self.lag_s = 0.7 * self.lag_s + 0.3 * late
+
+
 class _BatchTraces:
     """The batcher's tracing hook: each sampled request's queue wait, and a batch span linked
     to every request it served (server/observability/tracing.Tracing)."""
@@ -236,6 +263,7 @@ class ModelManager:
         tracing: Any = None,
     ) -> None:
         self._tracing = tracing
+        self.loop_lag = LoopLag()
         self._registry = registry
         self._clock = clock
         self._metrics = metrics
@@ -352,7 +380,13 @@ class ModelManager:
     def _mirror(self, slot: ModelSlot) -> ShadowMirror[ShadowPair]:
         settings = slot.settings
 
+        lag_limit = settings.shadow_max_loop_lag_ms / 1000
+
         def under_pressure() -> bool:
+            # No spare CPU: the event loop runs late (a saturated loop rarely fills the queue,
+            # batches are cut first), or the primary's queue is filling up.
+            if self.loop_lag.lag_s > lag_limit:
+                return True
             batcher = slot.current.batcher
             bound = batcher.policy.max_queue_size or 0
             return bool(bound) and batcher.queued_rows > settings.shadow_shed_above * bound
@@ -369,11 +403,13 @@ class ModelManager:
         """Where shadow pairs go (the app points this at its PairLog)."""
 
     async def start_mirrors(self) -> None:
-        for slot in self.slots.values():
-            if slot.mirror is not None:
-                await slot.mirror.start()
+        mirrors = [s.mirror for s in self.slots.values() if s.mirror is not None]
+        for mirror in mirrors:
+            await mirror.start()
+        self.loop_lag.start()
 
     async def stop_mirrors(self) -> None:
+        await self.loop_lag.stop()
         for slot in self.slots.values():
             if slot.mirror is not None:
                 await slot.mirror.stop()

@@ -57,13 +57,15 @@ class FeatureLookup:
         *,
         timeout_s: float = 0.02,
         max_in_flight: int = 1,
-        max_delay_s: float = 0.0005,
+        max_delay_s: float = 0.002,
         max_keys: int = 512,
         observer: LookupObserver | None = None,
     ) -> None:
         self._max_delay = max_delay_s
         self._max_keys = max_keys
         self._busy = False
+        self._crowd = 0
+        self._timer: asyncio.TimerHandle | None = None
         self._pending_keys = 0
         self.store = store
         self._timeout = timeout_s
@@ -80,18 +82,26 @@ class FeatureLookup:
         self._pending.append((keys, future))
         self._pending_keys += len(keys)
         if self._in_flight < self._max_in_flight:
-            if self._pending_keys >= self._max_keys:
+            # Full, or the crowd of the last round trip is back (closed-loop callers return
+            # together, see DynamicBatcher): go now rather than wait out the delay.
+            if self._pending_keys >= self._max_keys or (
+                self._busy and self._crowd > 1 and len(self._pending) >= self._crowd
+            ):
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
                 self._flush()
             elif not self._scheduled:
                 self._scheduled = True
                 if self._busy:
-                    loop.call_later(self._max_delay, self._flush)
+                    self._timer = loop.call_later(self._max_delay, self._flush)
                 else:
                     loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
         self._scheduled = False
+        self._timer = None
         if not self._pending or self._in_flight >= self._max_in_flight:
             return
         batch = [(k, f) for k, f in self._pending if not f.done()]
@@ -101,6 +111,7 @@ class FeatureLookup:
             return
         # Concurrency is evident when a round trip finds company (see DynamicBatcher).
         self._busy = len(batch) > 1
+        self._crowd = len(batch)
         self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._round_trip(batch))
         self._tasks.add(task)
@@ -137,7 +148,7 @@ class FeatureLookup:
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 if self._busy:
-                    loop.call_later(self._max_delay, self._flush)
+                    self._timer = loop.call_later(self._max_delay, self._flush)
                 else:
                     loop.call_soon(self._flush)
 

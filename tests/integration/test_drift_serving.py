@@ -41,7 +41,12 @@ async def _serve_and_check(
 ) -> None:
     config = tmp_path / "batchline.toml"
     config.write_text(f'[drift]\nenabled = true\ntarget = "{sidecar.address}"\n')
-    app = await start_app(models=("churn@production",), config=str(config), shadows=("2",))
+    app = await start_app(
+        models=("churn@production",),
+        config=str(config),
+        shadows=("2",),
+        shadow_max_loop_lag_ms=60000.0,
+    )
     X, _ = load_reference(demo_registry, "churn", "1")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

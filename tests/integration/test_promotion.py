@@ -26,7 +26,10 @@ async def _mirrored(
     registry = tmp_path / "registry"
     shutil.copytree(demo_registry, registry)
     config = tmp_path / "batchline.toml"
-    config.write_text('[models.churn]\nref = "churn@production"\nshadows = ["2"]\n' + body)
+    config.write_text(
+        '[models.churn]\nref = "churn@production"\nshadows = ["2"]\nshadow_max_loop_lag_ms = 60000\n'
+        + body
+    )
     app = await start_app(models=(), config=str(config), registry=registry)
     X, _ = load_reference(demo_registry, "churn", "1")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:

@@ -72,7 +72,10 @@ async def test_shadow_never_changes_primary_answers_and_its_pairs_report_correct
 ) -> None:
     X, _ = load_reference(demo_registry, "churn", "1")
     plain = await start_app(models=("churn@production",))
-    mirrored = await start_app(models=("churn@production",), shadows=("2",))
+    # No shedding here: this test counts every pair (a loaded machine can lag the loop).
+    mirrored = await start_app(
+        models=("churn@production",), shadows=("2",), shadow_max_loop_lag_ms=60000.0
+    )
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{plain.grpc_port}") as a,
         grpc.aio.insecure_channel(f"127.0.0.1:{mirrored.grpc_port}") as b,
@@ -167,3 +170,23 @@ async def test_shadows_are_shed_not_queued_when_the_mirror_is_full(start_app: Ap
     counters = mirror.counters
     assert counters.offered == 50
     assert counters.completed == 0
+
+
+async def test_shadows_are_shed_while_the_event_loop_runs_late(start_app: AppFactory) -> None:
+    """No spare CPU (the loop lags past shadow_max_loop_lag_ms): mirrored work is shed."""
+    app = await start_app(
+        models=("churn@production",), shadows=("2",), shadow_max_loop_lag_ms=0.001
+    )
+    lag = app.models.loop_lag
+    lag.lag_s = 1.0  # as the probe reads a loop that runs a second late
+    x = np.zeros((1, 15), np.float32)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for i in range(20):
+            reply = await stub.ModelInfer(_request(x, f"r{i}"), timeout=10)
+            assert reply.model_version == "1"
+            lag.lag_s = 1.0
+    mirror = app.models.slots["churn"].mirror
+    assert mirror is not None
+    assert mirror.counters.shed_load == 20
+    assert mirror.counters.completed == 0
