@@ -83,8 +83,9 @@ class ModelSettings:
     shadow_concurrency: int = 1
     # Mirrored work is shed while the primary's queue holds more than this share of its bound.
     shadow_shed_above: float = 0.5
-    # ... or while the event loop runs later than this (no spare CPU for mirrored work).
-    shadow_max_loop_lag_ms: float = 2.0
+    # ... or while the event loop's thread is busier than this share of the time (no spare
+    # CPU for mirrored work).
+    shadow_max_loop_busy: float = 0.8
     # The automatic promotion gate over shadow pairs: "off", "log" (decide and log) or "apply"
     # (move the alias to a passing shadow, drop a failing one). [models.NAME.gate] holds
     # min_requests, min_agreement, max_mean_abs_diff, max_error_rate.
@@ -262,6 +263,10 @@ def _check_model(key: str, m: ModelSettings) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key}.gate.{exc}") from None
     at_least("shadow_concurrency", m.shadow_concurrency, 1)
+    if not 0 < m.shadow_max_loop_busy <= 1.5:
+        raise ConfigError(
+            f"{key}.shadow_max_loop_busy: expected (0, 1.5], got {m.shadow_max_loop_busy}"
+        )
     if not 0 < m.shadow_shed_above <= 1:
         raise ConfigError(f"{key}.shadow_shed_above: expected (0, 1], got {m.shadow_shed_above}")
     if m.execution not in ("auto", "inline", "executor"):

@@ -100,13 +100,14 @@ class ModelSlot:
     mirror: ShadowMirror[ShadowPair] | None = None
 
 
-class LoopLag:
-    """How late the event loop runs: a task sleeps `period_s` and measures how late it wakes,
-    as a moving average (the mirror's "no spare CPU" signal)."""
+class LoopLoad:
+    """How busy the event loop's thread is: its CPU time over wall time, sampled every
+    `period_s` on the loop itself, as a moving average (the mirror's "no spare CPU" signal;
+    loop lag barely moves on a saturated loop of many short callbacks)."""
 
     def __init__(self, period_s: float = 0.05) -> None:
         self._period = period_s
-        self.lag_s = 0.0
+        self.busy = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -121,10 +122,12 @@ class LoopLag:
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            before = loop.time()
+            wall, cpu = loop.time(), time.thread_time()
             await asyncio.sleep(self._period)
-            late = max(0.0, loop.time() - before - self._period)
-            self.lag_s = 0.7 * self.lag_s + 0.3 * late
+            elapsed = loop.time() - wall
+            if elapsed > 0:
+                share = min(1.0, (time.thread_time() - cpu) / elapsed)
+                self.busy = 0.7 * self.busy + 0.3 * share
 
 
 class _BatchTraces:
@@ -263,7 +266,7 @@ class ModelManager:
         tracing: Any = None,
     ) -> None:
         self._tracing = tracing
-        self.loop_lag = LoopLag()
+        self.loop_load = LoopLoad()
         self._registry = registry
         self._clock = clock
         self._metrics = metrics
@@ -380,12 +383,10 @@ class ModelManager:
     def _mirror(self, slot: ModelSlot) -> ShadowMirror[ShadowPair]:
         settings = slot.settings
 
-        lag_limit = settings.shadow_max_loop_lag_ms / 1000
-
         def under_pressure() -> bool:
-            # No spare CPU: the event loop runs late (a saturated loop rarely fills the queue,
-            # batches are cut first), or the primary's queue is filling up.
-            if self.loop_lag.lag_s > lag_limit:
+            # No spare CPU: the event loop's thread is busy nearly all the time (a saturated
+            # loop rarely fills the queue: batches are cut first), or the queue is filling up.
+            if self.loop_load.busy > settings.shadow_max_loop_busy:
                 return True
             batcher = slot.current.batcher
             bound = batcher.policy.max_queue_size or 0
@@ -406,10 +407,10 @@ class ModelManager:
         mirrors = [s.mirror for s in self.slots.values() if s.mirror is not None]
         for mirror in mirrors:
             await mirror.start()
-        self.loop_lag.start()
+        self.loop_load.start()
 
     async def stop_mirrors(self) -> None:
-        await self.loop_lag.stop()
+        await self.loop_load.stop()
         for slot in self.slots.values():
             if slot.mirror is not None:
                 await slot.mirror.stop()

@@ -64,7 +64,6 @@ class FeatureLookup:
         self._max_delay = max_delay_s
         self._max_keys = max_keys
         self._busy = False
-        self._crowd = 0
         self._timer: asyncio.TimerHandle | None = None
         self._pending_keys = 0
         self.store = store
@@ -82,11 +81,7 @@ class FeatureLookup:
         self._pending.append((keys, future))
         self._pending_keys += len(keys)
         if self._in_flight < self._max_in_flight:
-            # Full, or the crowd of the last round trip is back (closed-loop callers return
-            # together, see DynamicBatcher): go now rather than wait out the delay.
-            if self._pending_keys >= self._max_keys or (
-                self._busy and self._crowd > 1 and len(self._pending) >= self._crowd
-            ):
+            if self._pending_keys >= self._max_keys:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
@@ -111,7 +106,6 @@ class FeatureLookup:
             return
         # Concurrency is evident when a round trip finds company (see DynamicBatcher).
         self._busy = len(batch) > 1
-        self._crowd = len(batch)
         self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._round_trip(batch))
         self._tasks.add(task)

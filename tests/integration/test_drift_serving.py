@@ -45,7 +45,7 @@ async def _serve_and_check(
         models=("churn@production",),
         config=str(config),
         shadows=("2",),
-        shadow_max_loop_lag_ms=60000.0,
+        shadow_max_loop_busy=1.5,
     )
     X, _ = load_reference(demo_registry, "churn", "1")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:

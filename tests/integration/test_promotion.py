@@ -27,7 +27,7 @@ async def _mirrored(
     shutil.copytree(demo_registry, registry)
     config = tmp_path / "batchline.toml"
     config.write_text(
-        '[models.churn]\nref = "churn@production"\nshadows = ["2"]\nshadow_max_loop_lag_ms = 60000\n'
+        '[models.churn]\nref = "churn@production"\nshadows = ["2"]\nshadow_max_loop_busy = 1.5\n'
         + body
     )
     app = await start_app(models=(), config=str(config), registry=registry)
