@@ -438,6 +438,37 @@ def shadow_scenario(registry: Path, seconds: float, procs: int) -> dict[str, Any
     return out
 
 
+def drift_scenario(registry: Path, seconds: float, procs: int) -> dict[str, Any]:
+    """churn at c=64 unary with every prediction streamed to a real drift sidecar vs not."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="bench-drift-"))
+    sidecar = start(
+        [sys.executable, "-m", "server.drift.sidecar", "--registry", str(registry),
+         "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0"],
+        "drift-sidecar",
+    )  # fmt: skip
+    out: dict[str, Any] = {}
+    try:
+        config = work / "drift.toml"
+        config.write_text(f'[drift]\nenabled = true\ntarget = "127.0.0.1:{sidecar.port}"\n')
+        for name, extra in (("off", ()), ("on", ("--config", str(config)))):
+            server = start_batchline(registry, True, *extra, models=("churn",), tag=f"drift-{name}")
+            try:
+                out[name] = asdict(load(server, "on", "churn", "unary", 64, seconds, procs))
+                if name == "on":
+                    metrics = scrape(server.metrics_port)
+                    out["producer"] = {
+                        k: v for k, v in metrics.items() if k.startswith("batchline_drift_producer")
+                    }
+            finally:
+                server.stop()
+    finally:
+        sidecar.stop()
+    out["rps_on_over_off"] = out["on"]["rps"] / out["off"]["rps"] if out["off"]["rps"] else None
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--registry", default=str(ROOT / "demo-registry"))
@@ -445,6 +476,9 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,32,64,128")
     parser.add_argument("--procs", type=int, default=1, help="load generator processes per point")
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument(
+        "--only", choices=("drift",), help="run one scenario, print it, touch nothing else"
+    )
     args = parser.parse_args()
     registry = Path(args.registry)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -455,6 +489,17 @@ def main() -> int:
 
         print(f"building demo models into {registry} ...", flush=True)
         build_demo(registry)
+    if args.only == "drift":
+        result = drift_scenario(registry, args.seconds, args.procs)
+        (RESULTS / "drift.json").write_text(json.dumps(result, indent=2))
+        on, off = result["on"], result["off"]
+        print(
+            f"drift streaming off: {off['rps']:,.0f} req/s p99 {off['p99_ms']:.1f} ms; "
+            f"on: {on['rps']:,.0f} req/s p99 {on['p99_ms']:.1f} ms; "
+            f"ratio {result['rps_on_over_off']:.2f} (target >= 0.95)"
+        )
+        print(json.dumps(result.get("producer", {}), indent=2))
+        return 0
     levels = [int(c) for c in args.concurrency.split(",")]
     print("raw onnxruntime ...", flush=True)
     raw = raw_onnxruntime(registry)
