@@ -324,7 +324,9 @@ def update_readme(markdown: str) -> None:
     readme.write_text(new)
 
 
-def entity_scenario(registry: Path, seconds: float, procs: int) -> dict[str, Any]:
+def entity_scenario(
+    registry: Path, seconds: float, procs: int, delays: tuple[int, ...] = (500, 2000)
+) -> dict[str, Any]:
     """Entity-keyed requests (features from a redis-server the bench starts) vs inline features,
     churn at c=64, with feature-store round trips per request from the server's metrics."""
     import shutil
@@ -382,7 +384,7 @@ def entity_scenario(registry: Path, seconds: float, procs: int) -> dict[str, Any
         inline.raw_input_contents.append(np.ascontiguousarray(X[7:8]).tobytes())
         out: dict[str, Any] = {}
         # The coalescing window trades latency for round trips: 0.5 ms and the 2 ms default.
-        for delay in (500, 2000):
+        for delay in delays:
             config = work / f"delay-{delay}.toml"
             config.write_text(f"[server]\nfeature_max_delay_us = {delay}\n")
             server = start_batchline(
@@ -408,7 +410,8 @@ def entity_scenario(registry: Path, seconds: float, procs: int) -> dict[str, Any
         default = out["delay_2000us"]  # feature_max_delay_us's default
         out["entity_over_inline_rps"] = default["entity_over_inline_rps"]
         out["round_trips_per_request"] = default["round_trips_per_request"]
-        out["round_trips_per_request_500us"] = out["delay_500us"]["round_trips_per_request"]
+        if "delay_500us" in out:
+            out["round_trips_per_request_500us"] = out["delay_500us"]["round_trips_per_request"]
         return out
     finally:
         redis.kill()
@@ -477,8 +480,11 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=1, help="load generator processes per point")
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument(
-        "--only", choices=("drift",), help="run one scenario, print it, touch nothing else"
+        "--only",
+        choices=("drift", "features"),
+        help="run one scenario, print it, touch nothing else",
     )
+    parser.add_argument("--feature-delays", default="500,2000", help="feature_max_delay_us values")
     args = parser.parse_args()
     registry = Path(args.registry)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -489,6 +495,19 @@ def main() -> int:
 
         print(f"building demo models into {registry} ...", flush=True)
         build_demo(registry)
+    if args.only == "features":
+        delays = tuple(int(d) for d in args.feature_delays.split(","))
+        result = (
+            entity_scenario(registry, args.seconds, args.procs, delays) if 2000 in delays else {}
+        )
+        for key, v in result.items():
+            if key.startswith("delay_"):
+                print(
+                    f"{key}: inline {v['inline']['rps']:,.0f} req/s, entity {v['entity']['rps']:,.0f} "
+                    f"req/s ({v['entity_over_inline_rps']:.2f}x), p99 {v['entity']['p99_ms']:.1f} ms, "
+                    f"{v['round_trips_per_request']:.3f} round trips per request"
+                )
+        return 0
     if args.only == "drift":
         result = drift_scenario(registry, args.seconds, args.procs)
         (RESULTS / "drift.json").write_text(json.dumps(result, indent=2))
