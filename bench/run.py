@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from registry_client.demo import DEMO_MODELS
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-MODELS = ("churn", "churn_mlp")
+MODELS = DEMO_MODELS
 
 
 # ---- processes -------------------------------------------------------------------------------

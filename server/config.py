@@ -23,10 +23,9 @@ that names the key, e.g. `models.churn.max_batch_size: expected an integer >= 1,
 
 from __future__ import annotations
 
-import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -412,10 +411,3 @@ def load_settings(
         _check_model(f"models.{name}", model)
         models.append(model)
     return Settings(server=server, models=tuple(models), drift=drift, tracing=tracing)
-
-
-def environ() -> Mapping[str, str]:
-    return os.environ
-
-
-__all__ = ["ModelSettings", "ServerSettings", "Settings", "load_settings", "replace"]

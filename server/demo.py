@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from registry_client import FileRegistry
-from registry_client.demo import build_demo, load_reference
+from registry_client.demo import DEMO_MODELS, build_demo, load_reference
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App, open_feature_store
@@ -19,7 +19,7 @@ from server.config import load_settings
 from server.features.materialize import materialize, read_rows
 from server.features.view import FeatureView
 
-MODELS = ("churn", "churn_mlp")
+MODELS = DEMO_MODELS
 
 
 def _request(model: str, rows: np.ndarray, request_id: str) -> pb.ModelInferRequest:

@@ -53,6 +53,10 @@ class ServedModel:
     entity_signature: ModelSignature | None = None
     feature_input: str = ""
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker("unset"))
+    # Which outputs are a classifier's scores (first float) and labels (first integer):
+    # derived once at load for the drift records and shadow pairs.
+    score_output: int | None = None
+    label_output: int | None = None
     # One row of each output, in signature order, answered while the breaker is open.
     static_fallback: list[np.ndarray] | None = None
     in_flight: int = 0
@@ -154,6 +158,17 @@ class _BatchTraces:
             if trace is not None:
                 trace.child("queue_wait", to_ns(queued_at), start)  # type: ignore[attr-defined]
         self._tracing.record_batch(self._model, self._version, rows, start, end, ok, traces)
+
+
+def _scores_and_labels(signature: ModelSignature) -> tuple[int | None, int | None]:
+    """Positions of a classifier's scores (first float output) and labels (first integer one)."""
+    scores = labels = None
+    for i, spec in enumerate(signature.outputs):
+        if scores is None and spec.datatype in ("FP32", "FP64", "FP16"):
+            scores = i
+        elif labels is None and spec.datatype.startswith(("INT", "UINT")):
+            labels = i
+    return scores, labels
 
 
 def _configured_route(settings: ModelSettings, primary: str) -> Route:
@@ -589,7 +604,10 @@ class ModelManager:
             on_transition=self._metrics.breaker_transition,
         )
         self._metrics.breaker_created(breaker.name)
+        score_output, label_output = _scores_and_labels(runtime.signature)
         return ServedModel(
+            score_output=score_output,
+            label_output=label_output,
             breaker=breaker,
             static_fallback=_static_fallback(settings, runtime.signature),
             view=view,

@@ -45,17 +45,6 @@ def _sticky_key(served: ServedModel, request: InferRequest) -> str:
     return request.id
 
 
-def _scores_and_labels(served: ServedModel) -> tuple[int | None, int | None]:
-    """Which outputs are the scores (float) and labels (integer) of a classifier, by position."""
-    scores = labels = None
-    for i, spec in enumerate(served.signature.outputs):
-        if scores is None and spec.datatype in ("FP32", "FP64", "FP16"):
-            scores = i
-        elif labels is None and spec.datatype.startswith(("INT", "UINT")):
-            labels = i
-    return scores, labels
-
-
 log = logging.getLogger(__name__)
 
 
@@ -233,7 +222,7 @@ class InferencePipeline:
     ) -> None:
         """One prediction record for the drift sidecar: O(1), never blocks, never raises."""
         assert self._drift is not None
-        scores, labels = _scores_and_labels(served)
+        scores, labels = served.score_output, served.label_output
         if features is None:
             features = request.inputs.get(served.feature_input) if served.feature_input else None
             if features is None:
@@ -296,7 +285,7 @@ class InferencePipeline:
             raise
         if self._drift is not None:
             self._record_drift(shadow, "shadow", copy, sticky, outputs, self._clock.now() - start)
-        scores, labels = _scores_and_labels(primary)
+        scores, labels = primary.score_output, primary.label_output
         return ShadowPair.from_outputs(
             model=primary.key.name,
             primary_version=primary.key.version,
