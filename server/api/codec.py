@@ -48,7 +48,7 @@ class Limits:
     def __init__(self, max_batch_size: int, max_elements: int) -> None:
         self.max_batch_size = max_batch_size
         self.max_elements = max_elements
-        self.plans: dict[tuple[str, str, tuple[int, ...]], tuple[np.dtype[Any], int]] = {}
+        self.plans: dict[tuple[str, str, tuple[int, ...]], tuple[np.dtype[Any] | None, int]] = {}
 
 
 _MAX_PLANS = 1024
@@ -128,12 +128,18 @@ def decode_request(
         if plan is not None and not tensor.HasField("contents"):
             dtype, nbytes = plan
             raw = raw_contents[0]
-            if len(raw) == nbytes:
+            if dtype is None:  # BYTES (entity ids): nbytes is the element count
+                array = _decode_raw_bytes(raw, nbytes, header[0]).reshape(header[2])
+            elif len(raw) == nbytes:
+                array = np.frombuffer(raw, dtype=dtype).reshape(header[2])
+            else:
+                array = None
+            if array is not None:
                 return InferRequest(
                     model=request.model_name,
                     version=version,
                     id=request.id,
-                    inputs={header[0]: np.frombuffer(raw, dtype=dtype).reshape(header[2])},
+                    inputs={header[0]: array},
                     rows=header[2][0],
                     outputs=_requested_outputs(request, signature) if request.outputs else None,
                     raw_output=True,
@@ -142,13 +148,11 @@ def decode_request(
     decoded = _decode_full(request, signature, limits, version, deadline)
     if len(tensors) == 1 and len(raw_contents) == 1 and decoded.inputs:
         array = next(iter(decoded.inputs.values()))
-        if array.dtype != object:
-            if len(limits.plans) >= _MAX_PLANS:
-                limits.plans.clear()
-            limits.plans[(tensors[0].name, tensors[0].datatype, array.shape)] = (
-                array.dtype,
-                array.nbytes,
-            )
+        if len(limits.plans) >= _MAX_PLANS:
+            limits.plans.clear()
+        limits.plans[(tensors[0].name, tensors[0].datatype, array.shape)] = (
+            (None, array.size) if array.dtype == object else (array.dtype, array.nbytes)
+        )
     return decoded
 
 

@@ -285,6 +285,27 @@ def test_typed_fp16_input_is_refused_naming_raw_input_contents() -> None:
         decode(pb.ModelInferRequest(inputs=[tensor]), FP16_SIG)
 
 
+def test_repeated_raw_bytes_requests_take_the_cached_plan_and_still_validate() -> None:
+    """Entity ids arrive as one raw BYTES tensor per request: after the first full decode, the
+    cached plan decodes the next ones, and a malformed one is still refused naming the input."""
+    limits = Limits(max_batch_size=8, max_elements=1000)
+
+    def request(raw: bytes) -> Any:
+        return pb.ModelInferRequest(
+            inputs=[Tensor(name="text", datatype="BYTES", shape=[2])], raw_input_contents=[raw]
+        )
+
+    first = decode(request(length_prefixed([b"c1", b"c22"])), BYTES_SIG, limits)
+    assert limits.plans  # the plan was learned
+    again = decode(request(length_prefixed([b"c333", b""])), BYTES_SIG, limits)
+    assert list(first.inputs["text"]) == [b"c1", b"c22"]
+    assert list(again.inputs["text"]) == [b"c333", b""]
+    assert again.raw_output is True
+    assert again.rows == 2
+    with pytest.raises(InvalidArgument, match=r"'text'.*holds 1 BYTES elements"):
+        decode(request(length_prefixed([b"only-one"])), BYTES_SIG, limits)
+
+
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
