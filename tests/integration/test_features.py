@@ -304,3 +304,29 @@ def test_stale_vectors_count_as_missing() -> None:
     matrix, defaulted, _ = view.to_matrix(["a", "b"], [fresh, None], now=1100.0)
     assert defaulted == [0, 1]
     np.testing.assert_array_equal(matrix, view.default_matrix(2))
+
+
+@pytest.mark.parametrize("max_age_s", [0.0, 60.0])
+def test_one_row_and_batch_decoding_agree(max_age_s: float) -> None:
+    """to_matrix has a fast path for one entity; it must answer exactly like the batch path
+    for found, missing, stale, partly-missing and wrong-sized vectors."""
+    view = _view(max_age_s=max_age_s)
+    values = np.arange(15, dtype=np.float32) / 3
+    holes = values.copy()
+    holes[[2, 7]] = np.nan
+    blobs = [
+        view.pack(values, updated_at=1000.0),
+        None,
+        view.pack(values, updated_at=900.0),  # stale when max_age_s is 60
+        view.pack(holes, updated_at=1000.0),
+        b"short",
+    ]
+    now = 1030.0
+    batch, absent, filled = view.decode(blobs, now)
+    for i, blob in enumerate(blobs):
+        one, defaulted, count = view.to_matrix([f"e{i}"], [blob], now)
+        assert one.tobytes() == batch[i : i + 1].tobytes()
+        assert defaulted == ([0] if absent[i] or filled[i] else [])
+        assert count == filled[i]
+    assert absent.tolist() == [False, True, max_age_s > 0, False, True]
+    assert filled.tolist() == [0, 0, 0, 2, 0]
