@@ -89,22 +89,23 @@ class App:
         if settings.server.feature_store:
             store = open_feature_store(settings.server.feature_store)
             feature_metrics = FeatureMetrics(self.metrics.registry, store.description)
-            self.features = FeatureLookup(
-                store,
-                timeout_s=settings.server.feature_timeout_ms / 1000,
-                max_in_flight=settings.server.feature_max_in_flight,
-                max_delay_s=settings.server.feature_max_delay_us / 1e6,
-                observer=feature_metrics,
-            )
-        self.feature_metrics = feature_metrics
-        feature_breaker = None
-        if self.features is not None:
             feature_breaker = CircuitBreaker(
                 "feature_store",
                 settings.server.feature_breaker,
                 on_transition=self.metrics.breaker_transition,
             )
             self.metrics.breaker_created(feature_breaker.name)
+            self.features = FeatureLookup(
+                store,
+                timeout_s=settings.server.feature_timeout_ms / 1000,
+                max_in_flight=settings.server.feature_max_in_flight,
+                max_delay_s=settings.server.feature_max_delay_us / 1e6,
+                min_keys=settings.server.feature_min_keys,
+                breaker=feature_breaker,
+                clock=self.clock.now,
+                observer=feature_metrics,
+            )
+        self.feature_metrics = feature_metrics
         self.drift: DriftProducer | None = None
         if settings.drift.enabled:
             d = settings.drift
@@ -122,7 +123,6 @@ class App:
             self.clock,
             features=self.features,
             feature_observer=feature_metrics,
-            feature_breaker=feature_breaker,
             drift=self.drift,
             tracing=active_tracing,
         )

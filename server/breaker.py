@@ -360,6 +360,19 @@ class CircuitBreaker:
         self._not_permitted += 1
         return None
 
+    def rejecting(self, now: float) -> bool:
+        """True (and counted as not permitted) when a call now would be rejected outright:
+        OPEN within its wait, or FORCED_OPEN. Takes no permit, so a caller can refuse work
+        before queueing it; HALF_OPEN and CLOSED answer False (ask `allow`)."""
+        state = self._state
+        if state is BreakerState.FORCED_OPEN or (
+            state is BreakerState.OPEN
+            and now < self._entered_at + self.config.wait_duration_in_open_s
+        ):
+            self._not_permitted += 1
+            return True
+        return False
+
     def record(self, permit: Permit, ok: bool, duration_s: float, now: float) -> None:
         """Count the outcome of a call admitted by `allow`; may move the state."""
         if self._state is BreakerState.HALF_OPEN:

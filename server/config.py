@@ -118,8 +118,10 @@ class ServerSettings:
     feature_timeout_ms: float = 20.0
     # Round trips one store may have in flight; lookups arriving meanwhile share the next one.
     feature_max_in_flight: int = 1
-    # Under concurrent traffic a round trip waits up to this long for company (eager when idle).
-    feature_max_delay_us: int = 2000
+    # Under concurrent traffic a round trip waits up to this long for company (eager when
+    # idle), or until feature_min_keys keys wait, or the usual crowd of lookups is back.
+    feature_max_delay_us: int = 5000
+    feature_min_keys: int = 16
     # The breaker around feature-store lookups ([server.feature_breaker], same keys as a
     # model's breaker); while open, lookups answer UNAVAILABLE or the view's defaults.
     feature_breaker: BreakerConfig = field(default_factory=BreakerConfig)
@@ -301,6 +303,12 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
     if s.feature_timeout_ms <= 0:
         raise ConfigError(f"server.feature_timeout_ms: expected > 0, got {s.feature_timeout_ms}")
+    if s.feature_min_keys < 1:
+        raise ConfigError(f"server.feature_min_keys: expected >= 1, got {s.feature_min_keys}")
+    if s.feature_max_delay_us < 0:
+        raise ConfigError(
+            f"server.feature_max_delay_us: expected >= 0, got {s.feature_max_delay_us}"
+        )
     if s.feature_max_in_flight < 1:
         raise ConfigError(
             f"server.feature_max_in_flight: expected >= 1, got {s.feature_max_in_flight}"

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from server.breaker import CircuitBreaker
 from server.clock import Clock
 from server.drift import PredictionSink
 from server.errors import (
@@ -66,7 +65,6 @@ class InferencePipeline:
         *,
         features: FeatureLookup | None = None,
         feature_observer: FeatureObserver | None = None,
-        feature_breaker: CircuitBreaker | None = None,
         drift: PredictionSink | None = None,
         tracing: Any = None,
     ) -> None:
@@ -76,7 +74,6 @@ class InferencePipeline:
         self._clock = clock
         self._features = features
         self._feature_observer = feature_observer
-        self._feature_breaker = feature_breaker
         self.pair_log: PairLog | None = None
         self._accepting = True
         self._in_flight = 0
@@ -337,26 +334,9 @@ class InferencePipeline:
             )
         start = self._clock.now()
         observer = self._feature_observer
-        breaker = self._feature_breaker
-        permit = breaker.allow(start) if breaker is not None else None
         try:
-            if breaker is not None and permit is None:
-                raise Unavailable(
-                    f"circuit breaker {breaker.name} is open: the feature store is failing "
-                    f"(retry after {breaker.config.wait_duration_in_open_s:g}s)"
-                )
-            try:
-                blobs = await self._features.get([view.key(i) for i in ids])
-            except Unavailable:
-                if breaker is not None and permit is not None:
-                    breaker.record(permit, False, self._clock.now() - start, self._clock.now())
-                raise
-            except BaseException:
-                if breaker is not None and permit is not None:
-                    breaker.release(permit, self._clock.now())
-                raise
-            if breaker is not None and permit is not None:
-                breaker.record(permit, True, self._clock.now() - start, self._clock.now())
+            # Coalesced with other requests' lookups; the store's breaker guards round trips.
+            blobs = await self._features.get([view.key(i) for i in ids])
         except Unavailable:
             if view.on_store_error != "defaults":
                 raise

@@ -197,6 +197,8 @@ def test_unknown_key_is_refused_naming_the_full_key(write: Writer, text: str, ke
         ("[server]\nmax_tensor_elements = 0\n", "server.max_tensor_elements"),
         ("[server]\nlog_level = 'loud'\n", "server.log_level"),
         ("[server]\nhost = 1\n", "server.host"),
+        ("[server]\nfeature_min_keys = 0\n", "server.feature_min_keys"),
+        ("[server]\nfeature_max_delay_us = -1\n", "server.feature_max_delay_us"),
     ],
 )
 def test_bad_value_is_refused_naming_the_key(write: Writer, text: str, key: str) -> None:
