@@ -327,12 +327,15 @@ def update_readme(markdown: str) -> None:
 
 
 def entity_scenario(
-    registry: Path, seconds: float, procs: int, delays: tuple[int, ...] = (500, 2000)
+    registry: Path, seconds: float, procs: int, delays: tuple[str, ...] = ("default", "0")
 ) -> dict[str, Any]:
     """Entity-keyed requests (features from a redis-server the bench starts) vs inline features,
-    churn at c=64, with feature-store round trips per request from the server's metrics."""
+    churn at c=64 and c=4, with feature-store round trips per request from the server's metrics.
+    `delays`: "default" (the server's coalescing defaults) and feature_max_delay_us values
+    (0: coalesce within one loop tick only)."""
     import shutil
     import socket
+    import struct
     import tempfile
 
     from registry_client.demo import load_reference
@@ -378,42 +381,46 @@ def entity_scenario(
              "--model", "churn@production", "--input", str(table), "--store", url],
             cwd=ROOT, check=True, capture_output=True,
         )  # fmt: skip
+        # Both requests as tritonclient sends them: tensors in raw_input_contents (BYTES
+        # elements with their 4-byte length prefix).
         by_entity = pb.ModelInferRequest(model_name="churn", id="e")
-        t = by_entity.inputs.add(name="customer_id", datatype="BYTES", shape=[1])
-        t.contents.bytes_contents.append(b"c7")
+        by_entity.inputs.add(name="customer_id", datatype="BYTES", shape=[1])
+        by_entity.raw_input_contents.append(struct.pack("<I", 2) + b"c7")
         inline = pb.ModelInferRequest(model_name="churn", id="i")
         inline.inputs.add(name="input", datatype="FP32", shape=[1, 15])
         inline.raw_input_contents.append(np.ascontiguousarray(X[7:8]).tobytes())
         out: dict[str, Any] = {}
-        # The coalescing window trades latency for round trips: 0.5 ms and the 2 ms default.
+        # The coalescing window trades latency for round trips: the defaults vs a tick only.
         for delay in delays:
             config = work / f"delay-{delay}.toml"
-            config.write_text(f"[server]\nfeature_max_delay_us = {delay}\n")
+            text = "" if delay == "default" else f"feature_max_delay_us = {int(delay)}\n"
+            config.write_text(f"[server]\n{text}")
             server = start_batchline(
                 reg, True, "--feature-store", url, "--config", str(config),
                 models=("churn",), tag=f"features-{delay}",
             )  # fmt: skip
+            label = "default" if delay == "default" else f"delay_{delay}us"
             try:
-                base = load(server, "on", "churn", "unary", 64, seconds, procs, request=inline.SerializeToString())  # fmt: skip
-                before = scrape(server.metrics_port)
-                ent = load(server, "on", "churn", "unary", 64, seconds, procs, request=by_entity.SerializeToString())  # fmt: skip
-                after = scrape(server.metrics_port)
+                for c in (64, 4):
+                    base = load(server, "on", "churn", "unary", c, seconds, procs, request=inline.SerializeToString())  # fmt: skip
+                    before = scrape(server.metrics_port)
+                    ent = load(server, "on", "churn", "unary", c, seconds, procs, request=by_entity.SerializeToString())  # fmt: skip
+                    after = scrape(server.metrics_port)
+                    key = "batchline_feature_round_trips_total"
+                    trips = after.get(key, 0) - before.get(key, 0)
+                    answered = ent.ok + ent.errors
+                    out[f"{label}_c{c}"] = {
+                        "inline": asdict(base),
+                        "entity": asdict(ent),
+                        "entity_over_inline_rps": ent.rps / base.rps if base.rps else None,
+                        "round_trips_per_request": trips / answered if answered else None,
+                    }
             finally:
                 server.stop()
-            key = "batchline_feature_round_trips_total"
-            trips = after.get(key, 0) - before.get(key, 0)
-            answered = ent.ok + ent.errors
-            out[f"delay_{delay}us"] = {
-                "inline": asdict(base),
-                "entity": asdict(ent),
-                "entity_over_inline_rps": ent.rps / base.rps if base.rps else None,
-                "round_trips_per_request": trips / answered if answered else None,
-            }
-        default = out["delay_2000us"]  # feature_max_delay_us's default
-        out["entity_over_inline_rps"] = default["entity_over_inline_rps"]
-        out["round_trips_per_request"] = default["round_trips_per_request"]
-        if "delay_500us" in out:
-            out["round_trips_per_request_500us"] = out["delay_500us"]["round_trips_per_request"]
+        if "default_c64" in out:
+            default = out["default_c64"]
+            out["entity_over_inline_rps"] = default["entity_over_inline_rps"]
+            out["round_trips_per_request"] = default["round_trips_per_request"]
         return out
     finally:
         redis.kill()
@@ -486,7 +493,11 @@ def main() -> int:
         choices=("drift", "features"),
         help="run one scenario, print it, touch nothing else",
     )
-    parser.add_argument("--feature-delays", default="500,2000", help="feature_max_delay_us values")
+    parser.add_argument(
+        "--feature-delays",
+        default="default,0",
+        help="'default' and/or feature_max_delay_us values for --only features",
+    )
     args = parser.parse_args()
     registry = Path(args.registry)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -498,15 +509,16 @@ def main() -> int:
         print(f"building demo models into {registry} ...", flush=True)
         build_demo(registry)
     if args.only == "features":
-        delays = tuple(int(d) for d in args.feature_delays.split(","))
-        result = (
-            entity_scenario(registry, args.seconds, args.procs, delays) if 2000 in delays else {}
-        )
+        delays = tuple(args.feature_delays.split(","))
+        result = entity_scenario(registry, args.seconds, args.procs, delays)
+        (RESULTS / "features.json").write_text(json.dumps(result, indent=2))
         for key, v in result.items():
-            if key.startswith("delay_"):
+            if isinstance(v, dict):
                 print(
                     f"{key}: inline {v['inline']['rps']:,.0f} req/s, entity {v['entity']['rps']:,.0f} "
-                    f"req/s ({v['entity_over_inline_rps']:.2f}x), p99 {v['entity']['p99_ms']:.1f} ms, "
+                    f"req/s ({v['entity_over_inline_rps']:.2f}x), p99 {v['inline']['p99_ms']:.1f} / "
+                    f"{v['entity']['p99_ms']:.1f} ms, model batch {v['inline']['mean_batch']:.1f} / "
+                    f"{v['entity']['mean_batch']:.1f}, "
                     f"{v['round_trips_per_request']:.3f} round trips per request"
                 )
         return 0
