@@ -132,10 +132,14 @@ class ServerSettings:
     tls_ca: str = ""
     # Close client connections after this many seconds (0: never) so clients reconnect and
     # spread over new replicas after a scale-out; in-flight calls get max_connection_age_grace_s.
-    # RPCs the gRPC server runs at once; beyond it gRPC answers RESOURCE_EXHAUSTED before the
-    # handler. Measured on 2 cores at c=64 it barely binds: calls wait in gRPC's completion
-    # queue and the event loop before they count as running. 0: no limit.
+    # RPCs the gRPC server hands to Python at once (0: no limit). grpc.aio does not reject
+    # beyond it: it stops accepting calls, which then wait inside gRPC's core as pending calls.
     max_concurrent_rpcs: int = 0
+    # Pending calls gRPC's core keeps for the server (arrived, not yet taken by Python); beyond
+    # it the core answers RESOURCE_EXHAUSTED itself, at random up to twice it and always past
+    # that, without running any Python. With max_concurrent_rpcs this is load shedding before
+    # Python: the cheapest refusal a Python server can make. 0: gRPC's default (1000 / 3000).
+    max_pending_rpcs: int = 0
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 30.0
     # Where shadow pairs go besides memory (JSON lines, rotated); read by `batchline shadow report`.
@@ -303,6 +307,8 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
     if s.feature_timeout_ms <= 0:
         raise ConfigError(f"server.feature_timeout_ms: expected > 0, got {s.feature_timeout_ms}")
+    if s.max_pending_rpcs < 0:
+        raise ConfigError(f"server.max_pending_rpcs: expected >= 0, got {s.max_pending_rpcs}")
     if s.feature_min_keys < 1:
         raise ConfigError(f"server.feature_min_keys: expected >= 1, got {s.feature_min_keys}")
     if s.feature_max_delay_us < 0:

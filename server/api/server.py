@@ -88,6 +88,7 @@ def build_server(
     max_connection_age_s: float = 0.0,
     max_connection_age_grace_s: float = 30.0,
     max_concurrent_rpcs: int = 0,
+    max_pending_rpcs: int = 0,
 ) -> tuple[grpc.aio.Server, int]:
     """Return the server and the port it really bound (port 0 picks a free one)."""
     server = grpc.aio.server(
@@ -97,6 +98,15 @@ def build_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        + (
+            [
+                # gRPC core refuses calls beyond these with RESOURCE_EXHAUSTED, before Python.
+                ("grpc.server.max_pending_requests", max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_rpcs),
+            ]
+            if max_pending_rpcs > 0
+            else []
+        )
         + (
             [
                 ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),

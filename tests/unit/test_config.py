@@ -198,6 +198,7 @@ def test_unknown_key_is_refused_naming_the_full_key(write: Writer, text: str, ke
         ("[server]\nlog_level = 'loud'\n", "server.log_level"),
         ("[server]\nhost = 1\n", "server.host"),
         ("[server]\nfeature_min_keys = 0\n", "server.feature_min_keys"),
+        ("[server]\nmax_pending_rpcs = -1\n", "server.max_pending_rpcs"),
         ("[server]\nfeature_max_delay_us = -1\n", "server.feature_max_delay_us"),
     ],
 )
