@@ -308,9 +308,10 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
     assert metric(samples, "batchline_queue_rows", **model) == 0
     assert metric(samples, "batchline_requests_in_flight") == 0
     # The server saw the storm (a gauge that never moves proves nothing) and dropped expired
-    # requests before they reached the model.
+    # requests before they reached the model: requests expire only while queued, so the queue
+    # gauge read back 0 above after holding rows. (Sampling the queue gauge every 50 ms can miss
+    # a queue that fills and drains between samples on a loaded machine: not asserted.)
     assert max(b[0] for b in busy) > 0, busy
-    assert max(b[1] for b in busy) > 0, busy
     assert expired > 0
     Servers.stop(server)
 
@@ -332,9 +333,12 @@ def _idle(server: ServerProcess, model: dict[str, str]) -> Callable[[], Awaitabl
 async def test_thousands_of_cancellations_and_expiries_leave_the_server_serving_and_empty(
     demo_registry: Path, servers: Servers
 ) -> None:
-    """3000 churn_mlp calls: two thirds with deadlines of 0.1-5 ms, one third cancelled by the
-    client 1-10 ms after sending; every one ends OK, DEADLINE_EXCEEDED or CANCELLED; afterwards
-    good calls succeed and the queue and in-flight are 0."""
+    """3000 churn_mlp calls: 1000 cancelled by the client 1-50 ms after sending, then 2000 with
+    deadlines of 0.1-5 ms; every one ends OK, DEADLINE_EXCEEDED or CANCELLED (or
+    RESOURCE_EXHAUSTED when the bounded queue is full); afterwards good
+    calls succeed and the queue and in-flight are 0. The cancellations go first, on their own:
+    mixed into a storm of tiny deadlines, grpcio may end most calls before the server sees them
+    (see below), and then no cancellation reaches the server at all."""
     server = servers.start(demo_registry, "", "churn_mlp@production")
     rng = random.Random(4)
     x = np.random.default_rng(4).random((64, 15), dtype=np.float32)
@@ -352,13 +356,14 @@ async def test_thousands_of_cancellations_and_expiries_leave_the_server_serving_
             sent += 1
             call = stub.ModelInfer(requests[i % 64], timeout=deadline)
             if cancel:
-                await asyncio.sleep(rng.uniform(0.001, 0.01))
+                await asyncio.sleep(rng.uniform(0.001, 0.05))
                 call.cancel()
             code = await asyncio.wait_for(call.code(), 5.0)
             ended.append(code.name)
 
     async with asyncio.timeout(SCENARIO_S), channel(server) as stub:
-        await asyncio.gather(*(one(i, stub) for i in range(3000)))
+        await asyncio.gather(*(one(i, stub) for i in range(3000) if i % 3 == 0))
+        await asyncio.gather(*(one(i, stub) for i in range(3000) if i % 3 != 0))
         drained = await wait_for(_idle(server, model), 5, "queue and in-flight back to 0")
         # grpcio (1.85, seen with a bare grpc.aio server too) may end calls that start within
         # ~50-300 ms of such a storm CANCELLED, neither side having cancelled them; the server
@@ -381,7 +386,8 @@ async def test_thousands_of_cancellations_and_expiries_leave_the_server_serving_
         f"drained in {drained:.2f}s"
     )
     assert sent == len(ended) == 3000, f"{sent} sent, {len(ended)} ended"
-    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED"}, codes
+    # RESOURCE_EXHAUSTED: up to 64 calls of up to 64 rows may overfill the 2048-row queue.
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED"}, codes
     assert codes.get("CANCELLED", 0) >= 500, codes
     assert codes.get("DEADLINE_EXCEEDED", 0) >= 500, codes
     Servers.alive(server)
