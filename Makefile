@@ -39,6 +39,7 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.run
+	$(PY) -m bench.overload
 
 clean:
 	rm -rf $(VENV) demo-registry .pytest_cache .mypy_cache .ruff_cache
