@@ -132,13 +132,15 @@ class ServerSettings:
     tls_ca: str = ""
     # Close client connections after this many seconds (0: never) so clients reconnect and
     # spread over new replicas after a scale-out; in-flight calls get max_connection_age_grace_s.
-    # RPCs the gRPC server hands to Python at once (0: no limit). grpc.aio does not reject
-    # beyond it: it stops accepting calls, which then wait inside gRPC's core as pending calls.
+    # RPCs the gRPC server runs in Python at once (0: no limit); grpc.aio refuses the rest with
+    # RESOURCE_EXHAUSTED before our handler. Calls still wait inside gRPC's core until the event
+    # loop takes them, so under overload these refusals can come late (see max_pending_rpcs).
     max_concurrent_rpcs: int = 0
     # Pending calls gRPC's core keeps for the server (arrived, not yet taken by Python); beyond
-    # it the core answers RESOURCE_EXHAUSTED itself, at random up to twice it and always past
-    # that, without running any Python. With max_concurrent_rpcs this is load shedding before
-    # Python: the cheapest refusal a Python server can make. 0: gRPC's default (1000 / 3000).
+    # it the core refuses calls itself, at random up to twice it and always past that, without
+    # running any Python: the cheapest, fastest refusal a Python server can make. gRPC's core
+    # answers these CANCELLED (not RESOURCE_EXHAUSTED; gRPC offers no choice). 0: gRPC's
+    # defaults (1000 / 3000).
     max_pending_rpcs: int = 0
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 30.0

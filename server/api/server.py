@@ -100,7 +100,7 @@ def build_server(
         ]
         + (
             [
-                # gRPC core refuses calls beyond these with RESOURCE_EXHAUSTED, before Python.
+                # gRPC core refuses calls beyond these before Python (it answers CANCELLED).
                 ("grpc.server.max_pending_requests", max_pending_rpcs),
                 ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_rpcs),
             ]
