@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "redis-server is required for the tests (apt-get install redis-server)"; exit 1; }
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "nginx is required for the tests (apt-get install nginx-light)"; exit 1; }
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
