@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,93 @@ def start_server(
     return Server(popen, info["grpc_port"], info["metrics_port"], info["pid"], log)
 
 
+@dataclass
+class Proxy:
+    """nginx in front of batchline, from deploy/nginx/batchline.conf.template."""
+
+    popen: subprocess.Popen[bytes]
+    port: int
+    runtime: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """CPU of the master and its worker (nginx forks one; the worker does the work)."""
+        total = 0.0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry.name) == self.popen.pid or int(fields[1]) == self.popen.pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        if self.popen.stderr is not None:
+            self.popen.stderr.close()
+
+
+def nginx_binary() -> str | None:
+    """nginx on PATH, or Debian's /usr/sbin/nginx (not on a non-root PATH)."""
+    found = shutil.which("nginx")
+    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
+        found = "/usr/sbin/nginx"
+    return found
+
+
+def start_proxy(
+    upstream_port: int, max_in_flight: int, tag: str, runtime: Path | None = None
+) -> Proxy:
+    """nginx (deploy/nginx/batchline.conf.template) on a free port in front of batchline."""
+    import socket
+    from string import Template
+
+    nginx = nginx_binary()
+    if nginx is None:
+        raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
+    runtime = runtime or RESULTS / f".nginx-{tag}"
+    runtime.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    template = (ROOT / "deploy" / "nginx" / "batchline.conf.template").read_text()
+    conf = runtime / "nginx.conf"
+    conf.write_text(
+        Template(template).safe_substitute(
+            MAX_IN_FLIGHT=max_in_flight,
+            LISTEN=f"127.0.0.1:{port}",
+            UPSTREAM=f"127.0.0.1:{upstream_port}",
+            RUNTIME=str(runtime),
+        )
+    )
+    cmd = [nginx, "-c", str(conf), "-e", str(runtime / "error.log")]
+    if PIN["server"]:
+        cmd = ["taskset", "-c", PIN["server"], *cmd]
+    popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return Proxy(popen, port, runtime)
+        if popen.poll() is not None or time.monotonic() > deadline:
+            popen.kill()
+            _, err = popen.communicate()
+            raise RuntimeError(f"nginx did not start: {err.decode()}")
+        time.sleep(0.02)
+
+
 def metric(
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
 ) -> float:
@@ -132,13 +220,13 @@ def percentiles_ms(report: dict[str, Any]) -> dict[float, float]:
 
 
 def loadtest_inprocess(
-    server: Server, model: str, concurrency: int, seconds: float, rows: int
+    address: str, model: str, concurrency: int, seconds: float, rows: int
 ) -> dict[str, Any]:
     from loadtest import Options, run
 
     report = run(
         Options(
-            server.address,
+            address,
             model=model,
             rows=rows,
             concurrency=concurrency,
@@ -151,10 +239,10 @@ def loadtest_inprocess(
 
 
 def loadtest_process(
-    server: Server, case: Case, rps: float, args: argparse.Namespace, out: Path
+    address: str, case: Case, rps: float, args: argparse.Namespace, out: Path
 ) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable, "-m", "loadtest", server.address, "--model", case.model,
+        sys.executable, "-m", "loadtest", address, "--model", case.model,
         "--rows", str(case.rows), "-c", str(args.overload_concurrency),
         "--connections", str(max(args.procs, 4)), "--procs", str(args.procs),
         "--rps", f"{rps:.0f}", "-z", f"{args.seconds}s", "-t", "5s", "--skipFirst", "200",
@@ -166,7 +254,7 @@ def loadtest_process(
 
 
 async def probe(
-    server: Server, case: Case, rps: float, seconds: float, delay: float
+    address: str, case: Case, rps: float, seconds: float, delay: float
 ) -> list[tuple[str, float]]:
     """Open-loop paced calls (each sent on schedule, not after the previous one ends); every
     call's (status, seconds)."""
@@ -181,7 +269,7 @@ async def probe(
     out: list[tuple[str, float]] = []
     tasks: set[asyncio.Task[None]] = set()
     async with grpc.aio.insecure_channel(
-        server.address, options=[("grpc.use_local_subchannel_pool", 1)]
+        address, options=[("grpc.use_local_subchannel_pool", 1)]
     ) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         await call(payload, timeout=10)  # connected and warm
@@ -208,6 +296,14 @@ async def probe(
         if tasks:
             await asyncio.wait(tasks, timeout=10)
     return out
+
+
+def probe_baseline(address: str, case: Case, args: argparse.Namespace) -> dict[int, float]:
+    """The probe's own latency (p50, p99 of OK calls, ms) against an unloaded server: the
+    baseline its overload latencies are compared with."""
+    calls = asyncio.run(probe(address, case, args.probe_rps, max(1.0, args.seconds - 2), 0.5))
+    ok = [seconds for status, seconds in calls if status == "OK"]
+    return {50: _pct(ok, 50) or math.nan, 99: _pct(ok, 99) or math.nan}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -251,8 +347,11 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     print(f"{case.name}: capacity with default admission settings ...", flush=True)
     base = start_server(registry, model, "overload-base", base_config)
     try:
-        unloaded = loadtest_inprocess(base, model, 1, args.seconds, case.rows)
-        capacity = loadtest_inprocess(base, model, args.concurrency, args.seconds, case.rows)
+        unloaded = loadtest_inprocess(base.address, model, 1, args.seconds, case.rows)
+        probe_unloaded = probe_baseline(base.address, case, args)
+        capacity = loadtest_inprocess(
+            base.address, model, args.concurrency, args.seconds, case.rows
+        )
     finally:
         base.stop()
     unloaded_pct = percentiles_ms(unloaded)
@@ -283,9 +382,57 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         ),
     }
     overload = {
-        label: shed_phase(case, args, config, label, capacity_rps, unloaded_pct[99])
+        label: shed_phase(
+            case, args, config, label, capacity_rps, unloaded_pct[99], probe_unloaded[99]
+        )
         for label, config in configs.items()
     }
+    front: dict[str, Any] = {}
+    if args.proxy and nginx_binary():
+        # The third way: nginx in front (deploy/nginx) refuses in C; batchline keeps defaults.
+        # Its own baseline, through the proxy, since the proxy is part of the path measured.
+        print(f"{case.name}: through nginx: unloaded and capacity ...", flush=True)
+        base = start_server(registry, model, "overload-front-base", base_config)
+        proxy = start_proxy(base.grpc_port, 65535, "front-base")  # nginx's largest: no limit
+        try:
+            front_unloaded = loadtest_inprocess(proxy.address, model, 1, args.seconds, case.rows)
+            front_probe = probe_baseline(proxy.address, case, args)
+            front_capacity = loadtest_inprocess(
+                proxy.address, model, args.concurrency, args.seconds, case.rows
+            )
+        finally:
+            proxy.stop()
+            base.stop()
+        front_pct = percentiles_ms(front_unloaded)
+        limit = args.max_in_flight or max(
+            1, math.ceil(front_capacity["rps"] * front_pct[99] / 1000)
+        )
+        front = {
+            "unloaded": {
+                "rps": front_unloaded["rps"],
+                "p50_ms": front_pct[50],
+                "p99_ms": front_pct[99],
+                "probe_p50_ms": front_probe[50],
+                "probe_p99_ms": front_probe[99],
+            },
+            "capacity": {
+                "rps": front_capacity["rps"],
+                "p50_ms": percentiles_ms(front_capacity)[50],
+                "p99_ms": percentiles_ms(front_capacity)[99],
+            },
+            "nginx_max_in_flight": limit,
+        }
+        configs["nginx"] = base_config or "(batchline defaults)"
+        overload["nginx"] = shed_phase(
+            case,
+            args,
+            base_config,
+            "nginx",
+            front_capacity["rps"],
+            front_pct[99],
+            front_probe[99],
+            limit,
+        )
     return {
         "case": case.name,
         "settings": {
@@ -305,6 +452,8 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
             "rps": unloaded["rps"],
             "p50_ms": unloaded_pct[50],
             "p99_ms": unloaded_pct[99],
+            "probe_p50_ms": probe_unloaded[50],
+            "probe_p99_ms": probe_unloaded[99],
         },
         "capacity": {
             "rps": capacity_rps,
@@ -313,6 +462,7 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
             "statuses": capacity["statusCodeDistribution"],
         },
         "overload": overload,
+        "through_nginx": front,
     }
 
 
@@ -323,27 +473,35 @@ def shed_phase(
     label: str,
     capacity_rps: float,
     unloaded_p99: float,
+    probe_unloaded_p99: float,
+    proxy_limit: int | None = None,
 ) -> dict[str, Any]:
-    """Offer factor x capacity to a server started with `config`; what was admitted, refused."""
+    """Offer factor x capacity to a server started with `config` (behind nginx admitting
+    `proxy_limit` calls at once, when given); what was admitted, what refused, how fast."""
     offered = capacity_rps * args.factor
     print(f"  overload ({label}): {offered:,.0f} req/s offered ...", flush=True)
     shed = start_server(Path(args.registry), case.model, f"overload-{label}", config)
+    proxy = start_proxy(shed.grpc_port, proxy_limit, label) if proxy_limit else None
+    address = proxy.address if proxy is not None else shed.address
     out = RESULTS / ".overload-loadtest.json"
     out.unlink(missing_ok=True)
     try:
         before = shed.metrics()
-        cpu0 = shed.cpu_seconds()
+        cpu0 = shed.cpu_seconds() + (proxy.cpu_seconds() if proxy is not None else 0.0)
         wall0 = time.monotonic()
-        proc = loadtest_process(shed, case, offered, args, out)
+        proc = loadtest_process(address, case, offered, args, out)
         probed = asyncio.run(
-            probe(shed, case, args.probe_rps, max(1.0, args.seconds - 2.0), delay=1.5)
+            probe(address, case, args.probe_rps, max(1.0, args.seconds - 2.0), delay=1.5)
         )
         _, err = proc.communicate(timeout=args.seconds + 120)
         if proc.returncode != 0:
             raise RuntimeError(f"loadtest failed: {err.decode()[-2000:]}")
-        server_cpu = (shed.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+        cpu1 = shed.cpu_seconds() + (proxy.cpu_seconds() if proxy is not None else 0.0)
+        server_cpu = (cpu1 - cpu0) / (time.monotonic() - wall0)
         after = shed.metrics()
     finally:
+        if proxy is not None:
+            proxy.stop()
         code = shed.stop()
     if code != 0:
         print(f"batchline exited with {code}; see {shed.log}", file=sys.stderr)
@@ -363,6 +521,7 @@ def shed_phase(
 
     admitted_p99 = admitted_pct.get(99)
     refusals = [s for c, v in by_status.items() if c != "OK" for s in v]
+    probe_ok_p99 = _pct(by_status.get("OK", []), 99)
     refused_p99 = _pct(refusals, 99)
     return {
         "offered_target_rps": offered,
@@ -387,6 +546,15 @@ def shed_phase(
         ),
         "server_ok": delta("batchline_requests_total", status="OK"),
         "targets": [
+            {
+                # The probe against itself: same client, same pacing, unloaded and under
+                # overload. loadtest's own numbers are kept too, but under overload its process
+                # saturates its core and its latencies include its own scheduling.
+                "target": "admitted p99 / unloaded p99 (probe)",
+                "measured": None if probe_ok_p99 is None else probe_ok_p99 / probe_unloaded_p99,
+                "goal": "<= 2.0",
+                "met": None if probe_ok_p99 is None else probe_ok_p99 <= 2 * probe_unloaded_p99,
+            },
             {
                 "target": "admitted p99 / unloaded p99 (loadtest)",
                 "measured": None if admitted_p99 is None else admitted_p99 / unloaded_p99,
@@ -421,8 +589,16 @@ def table(r: dict[str, Any]) -> str:
         "| phase | req/s | p50 ms | p99 ms | notes |",
         "|---|---:|---:|---:|---|",
         f"| unloaded (c=1) | {u['rps']:,.0f} | {u['p50_ms']:.2f} | {u['p99_ms']:.2f} | |",
+        f"| unloaded, probe | {r['settings']['probe_rps']:,.0f} | {u['probe_p50_ms']:.2f} | {u['probe_p99_ms']:.2f} | the probe's baseline (paced, open loop) |",
         f"| capacity (c={r['settings']['capacity_concurrency']}) | {c['rps']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | |",
     ]
+    if r.get("through_nginx"):
+        fu, fc = r["through_nginx"]["unloaded"], r["through_nginx"]["capacity"]
+        lines += [
+            f"| via nginx: unloaded (c=1) | {fu['rps']:,.0f} | {fu['p50_ms']:.2f} | {fu['p99_ms']:.2f} | the nginx configuration's baseline |",
+            f"| via nginx: unloaded, probe | {r['settings']['probe_rps']:,.0f} | {fu['probe_p50_ms']:.2f} | {fu['probe_p99_ms']:.2f} | |",
+            f"| via nginx: capacity (c={r['settings']['capacity_concurrency']}) | {fc['rps']:,.0f} | {fc['p50_ms']:.2f} | {fc['p99_ms']:.2f} | nginx admits {r['through_nginx']['nginx_max_in_flight']} at once under overload |",
+        ]
     for label, o in r["overload"].items():
         lines += [
             f"| {label}: offered | {o['offered_rps']:,.0f} | | | target {o['offered_target_rps']:,.0f} ({r['settings']['factor']:g} x capacity) |",
@@ -476,6 +652,12 @@ def main() -> int:
         "--pin",
         default="0/1" if (os.cpu_count() or 1) >= 2 else "",
         help="SERVER_CPUS/CLIENT_CPUS (taskset lists), e.g. 0/1: the server on its own core",
+    )
+    parser.add_argument(
+        "--no-proxy",
+        dest="proxy",
+        action="store_false",
+        help="skip the nginx-fronted configuration (it runs when nginx is installed)",
     )
     parser.add_argument(
         "--max-concurrent-rpcs",
