@@ -47,6 +47,15 @@ PIN = {"server": "", "client": ""}
 # ---- the server ------------------------------------------------------------------------------
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (ppid is [1], utime/stime [11]/[12])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Server:
     popen: subprocess.Popen[bytes]
@@ -60,8 +69,7 @@ class Server:
         return f"127.0.0.1:{self.grpc_port}"
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu(_stat(self.pid))
 
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -137,11 +145,11 @@ class Proxy:
             if not entry.name.isdigit():
                 continue
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = _stat(entry.name)
             except OSError:
                 continue
             if int(entry.name) == self.popen.pid or int(fields[1]) == self.popen.pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                total += _cpu(fields)
         return total
 
     def stop(self) -> None:
