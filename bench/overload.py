@@ -396,6 +396,8 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         for label, config in configs.items()
     }
     front: dict[str, Any] = {}
+    if args.proxy and not nginx_binary():
+        print("  (no nginx installed: the nginx-front configuration is skipped)", flush=True)
     if args.proxy and nginx_binary():
         # The third way: nginx in front (deploy/nginx) refuses in C; batchline keeps defaults.
         # Its own baseline, through the proxy, since the proxy is part of the path measured.
