@@ -160,8 +160,6 @@ class Proxy:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
-        if self.popen.stderr is not None:
-            self.popen.stderr.close()
 
 
 def nginx_binary() -> str | None:
@@ -197,10 +195,12 @@ def start_proxy(
             RUNTIME=str(runtime),
         )
     )
-    cmd = [nginx, "-c", str(conf), "-e", str(runtime / "error.log")]
+    cmd = [nginx, "-c", str(conf), "-e", "stderr"]
     if PIN["server"]:
         cmd = ["taskset", "-c", PIN["server"], *cmd]
-    popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = runtime / "nginx.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
     deadline = time.monotonic() + 10
     while True:
         with socket.socket() as sock:
@@ -208,8 +208,8 @@ def start_proxy(
                 return Proxy(popen, port, runtime)
         if popen.poll() is not None or time.monotonic() > deadline:
             popen.kill()
-            _, err = popen.communicate()
-            raise RuntimeError(f"nginx did not start: {err.decode()}")
+            popen.wait()
+            raise RuntimeError(f"nginx did not start: {log.read_text()[-2000:]}")
         time.sleep(0.02)
 
 
