@@ -403,7 +403,11 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         # Its own baseline, through the proxy, since the proxy is part of the path measured.
         print(f"{case.name}: through nginx: unloaded and capacity ...", flush=True)
         base = start_server(registry, model, "overload-front-base", base_config)
-        proxy = start_proxy(base.grpc_port, 65535, "front-base")  # nginx's largest: no limit
+        try:
+            proxy = start_proxy(base.grpc_port, 65535, "front-base")  # nginx's largest: no limit
+        except BaseException:
+            base.stop()
+            raise
         try:
             front_unloaded = loadtest_inprocess(proxy.address, model, 1, args.seconds, case.rows)
             front_probe = probe_baseline(proxy.address, case, args)
@@ -491,7 +495,11 @@ def shed_phase(
     offered = capacity_rps * args.factor
     print(f"  overload ({label}): {offered:,.0f} req/s offered ...", flush=True)
     shed = start_server(Path(args.registry), case.model, f"overload-{label}", config)
-    proxy = start_proxy(shed.grpc_port, proxy_limit, label) if proxy_limit else None
+    try:
+        proxy = start_proxy(shed.grpc_port, proxy_limit, label) if proxy_limit else None
+    except BaseException:
+        shed.stop()
+        raise
     address = proxy.address if proxy is not None else shed.address
     out = RESULTS / ".overload-loadtest.json"
     out.unlink(missing_ok=True)
