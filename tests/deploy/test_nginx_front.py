@@ -33,7 +33,11 @@ async def test_nginx_front_refuses_over_its_limit_with_resource_exhausted(
     demo_registry: Path, tmp_path: Path
 ) -> None:
     server = spawn_server(demo_registry, tmp_path, "--model", "churn_mlp@production")
-    proxy = start_proxy(server.grpc_port, 2, "test", runtime=tmp_path / "nginx")
+    try:
+        proxy = start_proxy(server.grpc_port, 2, "test", runtime=tmp_path / "nginx")
+    except BaseException:
+        server.terminate()
+        raise
     request = pb.ModelInferRequest(model_name="churn_mlp")
     request.inputs.add(name="input", datatype="FP32", shape=[64, 15])
     request.raw_input_contents.append(np.zeros((64, 15), np.float32).tobytes())
