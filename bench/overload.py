@@ -132,7 +132,6 @@ class Proxy:
 
     popen: subprocess.Popen[bytes]
     port: int
-    runtime: Path
 
     @property
     def address(self) -> str:
@@ -205,7 +204,7 @@ def start_proxy(
     while True:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return Proxy(popen, port, runtime)
+                return Proxy(popen, port)
         if popen.poll() is not None or time.monotonic() > deadline:
             popen.kill()
             popen.wait()
@@ -344,35 +343,66 @@ CASES = {
 }
 
 
+def baseline(case: Case, args: argparse.Namespace, config: str, front: bool) -> dict[str, Any]:
+    """Unloaded (loadtest c=1, and the probe) and capacity (loadtest at --concurrency) of a
+    server with `config`, directly or through nginx with no limit (its own path, measured)."""
+    tag = "front-base" if front else "base"
+    server = start_server(Path(args.registry), case.model, f"overload-{tag}", config)
+    proxy = None
+    try:
+        if front:
+            proxy = start_proxy(server.grpc_port, 65535, tag)  # nginx's largest: no limit
+        address = proxy.address if proxy is not None else server.address
+        unloaded = loadtest_inprocess(address, case.model, 1, args.seconds, case.rows)
+        probed = probe_baseline(address, case, args)
+        capacity = loadtest_inprocess(
+            address, case.model, args.concurrency, args.seconds, case.rows
+        )
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        server.stop()
+    unloaded_pct, capacity_pct = percentiles_ms(unloaded), percentiles_ms(capacity)
+    print(
+        f"  {'through nginx' if front else 'direct'}: unloaded (c=1) p50 "
+        f"{unloaded_pct[50]:.2f} ms, p99 {unloaded_pct[99]:.2f} ms; capacity "
+        f"(c={args.concurrency}) {capacity['rps']:,.0f} req/s, p99 {capacity_pct[99]:.2f} ms",
+        flush=True,
+    )
+    return {
+        "unloaded": {
+            "rps": unloaded["rps"],
+            "p50_ms": unloaded_pct[50],
+            "p99_ms": unloaded_pct[99],
+            "probe_p50_ms": probed[50],
+            "probe_p99_ms": probed[99],
+        },
+        "capacity": {
+            "rps": capacity["rps"],
+            "p50_ms": capacity_pct[50],
+            "p99_ms": capacity_pct[99],
+            "statuses": capacity["statusCodeDistribution"],
+        },
+    }
+
+
+def in_flight_limit(base: dict[str, Any], args: argparse.Namespace) -> int:
+    """Little's law: requests in the server = rate x time there. Admitting what capacity x the
+    unloaded p99 holds keeps an admitted request's wait near one unloaded p99."""
+    rps, p99_ms = base["capacity"]["rps"], base["unloaded"]["p99_ms"]
+    return int(args.max_in_flight or max(1, math.ceil(rps * p99_ms / 1000)))
+
+
 def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    registry = Path(args.registry)
     model = case.model
     base_config = (
         f'[models.{model}]\nref = "{model}@production"\n{case.model_settings}'
         if case.model_settings
         else ""
     )
-    print(f"{case.name}: capacity with default admission settings ...", flush=True)
-    base = start_server(registry, model, "overload-base", base_config)
-    try:
-        unloaded = loadtest_inprocess(base.address, model, 1, args.seconds, case.rows)
-        probe_unloaded = probe_baseline(base.address, case, args)
-        capacity = loadtest_inprocess(
-            base.address, model, args.concurrency, args.seconds, case.rows
-        )
-    finally:
-        base.stop()
-    unloaded_pct = percentiles_ms(unloaded)
-    capacity_rps = capacity["rps"]
-    print(
-        f"  unloaded (c=1): p50 {unloaded_pct[50]:.2f} ms, p99 {unloaded_pct[99]:.2f} ms; "
-        f"capacity (c={args.concurrency}): {capacity_rps:,.0f} req/s, "
-        f"p99 {percentiles_ms(capacity)[99]:.2f} ms",
-        flush=True,
-    )
-    # Little's law: requests in the server = rate x time there. Admitting what capacity x the
-    # unloaded p99 holds keeps an admitted request's wait near one unloaded p99.
-    max_in_flight = args.max_in_flight or max(1, math.ceil(capacity_rps * unloaded_pct[99] / 1000))
+    print(f"{case.name}: unloaded and capacity with default admission settings ...", flush=True)
+    direct = baseline(case, args, base_config, front=False)
+    max_in_flight = in_flight_limit(direct, args)
     max_queue_size = args.max_queue_size or max_in_flight * case.rows
     concurrent = max_in_flight if args.max_concurrent_rpcs < 0 else args.max_concurrent_rpcs
     model_lines = (
@@ -390,63 +420,18 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         ),
     }
     overload = {
-        label: shed_phase(
-            case, args, config, label, capacity_rps, unloaded_pct[99], probe_unloaded[99]
-        )
-        for label, config in configs.items()
+        label: shed_phase(case, args, config, label, direct) for label, config in configs.items()
     }
     front: dict[str, Any] = {}
-    if args.proxy and not nginx_binary():
+    if args.proxy and nginx_binary() is None:
         print("  (no nginx installed: the nginx-front configuration is skipped)", flush=True)
-    if args.proxy and nginx_binary():
+    elif args.proxy:
         # The third way: nginx in front (deploy/nginx) refuses in C; batchline keeps defaults.
         # Its own baseline, through the proxy, since the proxy is part of the path measured.
-        print(f"{case.name}: through nginx: unloaded and capacity ...", flush=True)
-        base = start_server(registry, model, "overload-front-base", base_config)
-        try:
-            proxy = start_proxy(base.grpc_port, 65535, "front-base")  # nginx's largest: no limit
-        except BaseException:
-            base.stop()
-            raise
-        try:
-            front_unloaded = loadtest_inprocess(proxy.address, model, 1, args.seconds, case.rows)
-            front_probe = probe_baseline(proxy.address, case, args)
-            front_capacity = loadtest_inprocess(
-                proxy.address, model, args.concurrency, args.seconds, case.rows
-            )
-        finally:
-            proxy.stop()
-            base.stop()
-        front_pct = percentiles_ms(front_unloaded)
-        limit = args.max_in_flight or max(
-            1, math.ceil(front_capacity["rps"] * front_pct[99] / 1000)
-        )
-        front = {
-            "unloaded": {
-                "rps": front_unloaded["rps"],
-                "p50_ms": front_pct[50],
-                "p99_ms": front_pct[99],
-                "probe_p50_ms": front_probe[50],
-                "probe_p99_ms": front_probe[99],
-            },
-            "capacity": {
-                "rps": front_capacity["rps"],
-                "p50_ms": percentiles_ms(front_capacity)[50],
-                "p99_ms": percentiles_ms(front_capacity)[99],
-            },
-            "nginx_max_in_flight": limit,
-        }
+        front = baseline(case, args, base_config, front=True)
+        front["nginx_max_in_flight"] = limit = in_flight_limit(front, args)
         configs["nginx"] = base_config or "(batchline defaults)"
-        overload["nginx"] = shed_phase(
-            case,
-            args,
-            base_config,
-            "nginx",
-            front_capacity["rps"],
-            front_pct[99],
-            front_probe[99],
-            limit,
-        )
+        overload["nginx"] = shed_phase(case, args, base_config, "nginx", front, limit)
     return {
         "case": case.name,
         "settings": {
@@ -462,19 +447,8 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
             "capacity_config": base_config or "(none: defaults)",
             "overload_configs": configs,
         },
-        "unloaded": {
-            "rps": unloaded["rps"],
-            "p50_ms": unloaded_pct[50],
-            "p99_ms": unloaded_pct[99],
-            "probe_p50_ms": probe_unloaded[50],
-            "probe_p99_ms": probe_unloaded[99],
-        },
-        "capacity": {
-            "rps": capacity_rps,
-            "p50_ms": percentiles_ms(capacity)[50],
-            "p99_ms": percentiles_ms(capacity)[99],
-            "statuses": capacity["statusCodeDistribution"],
-        },
+        "unloaded": direct["unloaded"],
+        "capacity": direct["capacity"],
         "overload": overload,
         "through_nginx": front,
     }
@@ -485,13 +459,15 @@ def shed_phase(
     args: argparse.Namespace,
     config: str,
     label: str,
-    capacity_rps: float,
-    unloaded_p99: float,
-    probe_unloaded_p99: float,
+    base: dict[str, Any],
     proxy_limit: int | None = None,
 ) -> dict[str, Any]:
     """Offer factor x capacity to a server started with `config` (behind nginx admitting
-    `proxy_limit` calls at once, when given); what was admitted, what refused, how fast."""
+    `proxy_limit` calls at once, when given); what was admitted, what refused, how fast,
+    against `baseline`'s numbers for the same path."""
+    capacity_rps = base["capacity"]["rps"]
+    unloaded_p99 = base["unloaded"]["p99_ms"]
+    probe_unloaded_p99 = base["unloaded"]["probe_p99_ms"]
     offered = capacity_rps * args.factor
     print(f"  overload ({label}): {offered:,.0f} req/s offered ...", flush=True)
     shed = start_server(Path(args.registry), case.model, f"overload-{label}", config)
