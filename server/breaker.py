@@ -7,13 +7,24 @@ test drives it with plain floats. Metrics and logs reach the outside only throug
 `on_transition` callback and the `metrics()` snapshot; this module imports no grpc, redis,
 onnxruntime or prometheus.
 
-Two deliberate differences from the libraries it learns from:
+The rules are resilience4j's (CircuitBreakerStateMachine / CircuitBreakerMetrics, 2.x):
 
-- HALF_OPEN admits exactly `permitted_calls_in_half_open` probes and rejects the rest, where
-  aiobreaker lets every caller through once the timeout has passed;
+- a rate counts once the window holds `minimum_number_of_calls` outcomes (for a count window, at
+  most its size); HALF_OPEN judges over min(`minimum_number_of_calls`,
+  `permitted_calls_in_half_open`) outcomes, so it may re-open or close before every probe is back;
+- a threshold is reached at `rate >= threshold`, for the slow-call rate too (100 means "open when
+  every call is slow", not "off");
+- a call is slow when its duration is strictly greater than `slow_call_duration_s`;
+- OPEN moves to HALF_OPEN only strictly after `wait_duration_in_open_s`.
+
+Deliberate differences (the README lists them):
+
 - every permit carries the generation of the state that issued it, so a result that arrives after
   a transition (a slow call started while CLOSED, finishing after the breaker opened) is ignored
-  instead of counting against the new state.
+  instead of counting against the new state (resilience4j counts it against the new state);
+- no automatic OPEN -> HALF_OPEN timer: the transition happens on the first call after the wait
+  (resilience4j's default, automaticTransitionFromOpenToHalfOpenEnabled = false);
+- defaults are chosen for model serving, not resilience4j's (see BreakerConfig).
 """
 
 from __future__ import annotations
@@ -80,16 +91,24 @@ def _whole(name: str, value: object, minimum: int) -> int:
 class BreakerConfig:
     """One breaker's settings, named and defaulted as resilience4j names them.
 
-    Rates are percentages. A call is slow when its duration is at least `slow_call_duration_s`.
+    Rates are percentages. A call is slow when its duration is greater than `slow_call_duration_s`.
     `sliding_window_size` counts calls for a "count" window and seconds for a "time" window.
-    `slow_call_rate_threshold` = 100 (the default) turns the slow-call check off, so a model that
-    is merely slow is never cut off unless asked for. `max_wait_in_half_open_s` = 0 waits for all
-    probes however long they take. Construction validates every field; a ValueError names it.
+    `slow_call_rate_threshold` = 100 (the default) opens only when every call in the window is
+    slow. `max_wait_in_half_open_s` = 0 waits for the probes however long they take.
+    Construction validates every field; a ValueError names it.
+
+    Defaults and why they differ from resilience4j's (failure 50 %, slow 100 %, slow 60 s, window
+    100 calls, minimum 100, wait 60 s, 10 probes, no half-open limit):
+    `minimum_number_of_calls` 20 (a model server sees hundreds of calls a second; waiting for 100
+    failures before shedding a broken model costs a burst of errors), `wait_duration_in_open_s`
+    5 s (a model call is cheap to probe; a minute of fallbacks after a transient fault is long),
+    `permitted_calls_in_half_open` 5 (half of 10: with 20 minimum calls, five probes decide), and
+    `slow_call_duration_s` 60 s as resilience4j (slow-call shedding is opt-in by lowering it).
     """
 
     failure_rate_threshold: float = 50.0
     slow_call_rate_threshold: float = 100.0
-    slow_call_duration_s: float = 1.0
+    slow_call_duration_s: float = 60.0
     sliding_window_type: WindowType = "count"
     sliding_window_size: int = 100
     minimum_number_of_calls: int = 20
@@ -131,10 +150,6 @@ class BreakerConfig:
             return cls(**kwargs)
         except _FieldError as exc:
             raise ValueError(f"{prefix}.{exc.field}: {exc.problem}") from None
-
-    @property
-    def slow_calls_checked(self) -> bool:
-        return self.slow_call_rate_threshold < 100
 
     @property
     def effective_minimum_calls(self) -> int:
@@ -295,14 +310,15 @@ class CircuitBreaker:
     Guarantees:
     - `allow(now)` returns a Permit or None at once; it never blocks, sleeps or does I/O.
     - CLOSED admits every call. Once at least `minimum_number_of_calls` outcomes are in the window
-      and the failure rate (or, when checked, the slow-call rate) reaches its threshold, the
-      breaker opens on that record.
-    - OPEN (and FORCED_OPEN) admits nothing. The first `allow` at or after
+      and the failure rate or the slow-call rate reaches its threshold, the breaker opens on that
+      record.
+    - OPEN (and FORCED_OPEN) admits nothing. The first `allow` strictly after
       `wait_duration_in_open_s` past the opening moves to HALF_OPEN (no timer: without traffic the
       state stays OPEN, like resilience4j without automatic transition).
     - HALF_OPEN never has more than `permitted_calls_in_half_open` permits admitted (issued and
-      not released); when that many probes are recorded the breaker opens again if their rates
-      reach a threshold and closes with an empty window otherwise. With
+      not released); once min(`minimum_number_of_calls`, that many) probes are recorded the
+      breaker opens again if their rates reach a threshold and closes with an empty window
+      otherwise (resilience4j's HalfOpenState). With
       `max_wait_in_half_open_s` > 0 it reopens once that long has passed without a verdict.
     - A permit recorded or released after the state that issued it has ended is ignored, and in
       HALF_OPEN a permit recorded or released twice counts once. Callers must record or release
@@ -341,7 +357,7 @@ class CircuitBreaker:
         """A permit to run one call now, or None when the breaker rejects it."""
         cfg = self.config
         if self._state is BreakerState.OPEN:
-            if now >= self._entered_at + cfg.wait_duration_in_open_s:
+            if now > self._entered_at + cfg.wait_duration_in_open_s:
                 self._move(BreakerState.HALF_OPEN, now, TransitionReason.WAIT_ELAPSED)
         elif self._state is BreakerState.HALF_OPEN:
             self._check_half_open_deadline(now)
@@ -367,7 +383,7 @@ class CircuitBreaker:
         state = self._state
         if state is BreakerState.FORCED_OPEN or (
             state is BreakerState.OPEN
-            and now < self._entered_at + self.config.wait_duration_in_open_s
+            and now <= self._entered_at + self.config.wait_duration_in_open_s
         ):
             self._not_permitted += 1
             return True
@@ -385,7 +401,7 @@ class CircuitBreaker:
             self._probes.discard(permit.serial)
         elif self._state is not BreakerState.CLOSED:
             return  # DISABLED counts nothing (OPEN and FORCED_OPEN issue no permits)
-        slow = duration_s >= self.config.slow_call_duration_s
+        slow = duration_s > self.config.slow_call_duration_s
         outcome = (0 if ok else _FAILED) | (_SLOW if slow else 0)
         self._window.add(outcome, _second(now))
         self._judge(now)
@@ -451,10 +467,7 @@ class CircuitBreaker:
         # Compared as integers scaled by 100 so "exactly at the threshold" is exact.
         if window.failures * 100 >= cfg.failure_rate_threshold * window.calls:
             self._move(BreakerState.OPEN, now, TransitionReason.FAILURE_RATE)
-        elif (
-            cfg.slow_calls_checked
-            and window.slow * 100 >= cfg.slow_call_rate_threshold * window.calls
-        ):
+        elif window.slow * 100 >= cfg.slow_call_rate_threshold * window.calls:
             self._move(BreakerState.OPEN, now, TransitionReason.SLOW_CALL_RATE)
         elif self._state is BreakerState.HALF_OPEN:
             self._move(BreakerState.CLOSED, now, TransitionReason.PROBES_SUCCEEDED)
@@ -480,7 +493,7 @@ class CircuitBreaker:
         self._probes.clear()
         if to is BreakerState.HALF_OPEN:
             probes = self.config.permitted_calls_in_half_open
-            self._window = _CountWindow(probes, probes)
+            self._window = _CountWindow(probes, min(self.config.minimum_number_of_calls, probes))
         elif to is BreakerState.CLOSED or to is BreakerState.DISABLED:
             self._window = self._closed_window()
         # OPEN and FORCED_OPEN keep the window that tripped, so metrics show why it opened.

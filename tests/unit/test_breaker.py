@@ -55,7 +55,7 @@ def _open(breaker: CircuitBreaker, now: float = T0) -> None:
 
 def _half_open(breaker: CircuitBreaker, now: float = T0) -> float:
     _open(breaker, now)
-    later = now + breaker.config.wait_duration_in_open_s
+    later = now + breaker.config.wait_duration_in_open_s + 0.001
     assert breaker.allow(later) is not None
     assert breaker.state is HALF_OPEN
     return later
@@ -95,19 +95,32 @@ def test_stays_closed_just_below_the_failure_rate_threshold() -> None:
 def test_opens_on_slow_call_rate() -> None:
     breaker, events = _breaker(slow_call_rate_threshold=60, slow_call_duration_s=0.5)
     for i in range(10):
-        _call(breaker, T0, ok=True, duration_s=0.5 if i < 6 else 0.1)
+        _call(breaker, T0, ok=True, duration_s=0.6 if i < 6 else 0.1)
     assert breaker.state is OPEN
     assert events[0].reason is TransitionReason.SLOW_CALL_RATE
     assert events[0].slow_call_rate == 60.0
     assert events[0].failure_rate == 0.0
 
 
-def test_slow_calls_are_not_checked_at_the_default_threshold_of_100() -> None:
-    breaker, _ = _breaker()
-    for _ in range(20):
-        _call(breaker, T0, ok=True, duration_s=30.0)
+def test_the_default_slow_threshold_of_100_opens_only_when_every_call_is_slow() -> None:
+    # resilience4j: slowCallRateThreshold 100 is a threshold like any other (rate >= 100).
+    breaker, events = _breaker(slow_call_duration_s=1.0)
+    for i in range(10):
+        _call(breaker, T0, ok=True, duration_s=0.5 if i == 0 else 30.0)
     assert breaker.state is CLOSED
-    assert breaker.metrics(T0).slow_call_rate == 100.0
+    assert breaker.metrics(T0).slow_call_rate == 90.0
+    _call(breaker, T0, ok=True, duration_s=30.0)  # the fast call slides out: 10 of 10 slow
+    assert breaker.state is OPEN
+    assert events[-1].reason is TransitionReason.SLOW_CALL_RATE
+
+
+def test_a_call_as_long_as_the_slow_threshold_is_not_slow() -> None:
+    # resilience4j: slow when duration > slowCallDurationThreshold (strictly).
+    breaker, _ = _breaker(slow_call_duration_s=1.0, slow_call_rate_threshold=50)
+    for _ in range(10):
+        _call(breaker, T0, ok=True, duration_s=1.0)
+    assert breaker.state is CLOSED
+    assert breaker.metrics(T0).slow_call_rate == 0.0
 
 
 def test_count_window_slides_old_failures_out() -> None:
@@ -168,9 +181,10 @@ def test_open_rejects_until_the_wait_has_passed_then_moves_to_half_open() -> Non
     _open(breaker)
     assert breaker.allow(T0) is None
     assert breaker.allow(T0 + 4.999) is None
+    assert breaker.allow(T0 + 5.0) is None  # resilience4j: strictly after the wait
     assert breaker.state is OPEN
-    assert breaker.metrics(T0).not_permitted_calls == 2
-    assert breaker.allow(T0 + 5.0) is not None
+    assert breaker.metrics(T0).not_permitted_calls == 3
+    assert breaker.allow(T0 + 5.001) is not None
     assert breaker.state is HALF_OPEN
     assert events[-1].from_state is OPEN
     assert events[-1].to_state is HALF_OPEN
@@ -201,7 +215,7 @@ def test_half_open_admits_exactly_n_concurrent_probes() -> None:
 def test_half_open_probes_all_ok_close_with_an_empty_window() -> None:
     breaker, events = _breaker(permitted_calls_in_half_open=3)
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     probes = [breaker.allow(later) for _ in range(3)]
     for probe in probes:
         assert probe is not None
@@ -214,10 +228,10 @@ def test_half_open_probes_all_ok_close_with_an_empty_window() -> None:
     assert metrics.failure_rate == -1.0
 
 
-def test_half_open_verdict_waits_for_the_last_probe() -> None:
+def test_half_open_verdict_waits_for_every_probe_when_the_minimum_exceeds_them() -> None:
     breaker, _ = _breaker(permitted_calls_in_half_open=3)
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     probes = [breaker.allow(later) for _ in range(3)]
     assert all(p is not None for p in probes)
     for probe in probes[:2]:
@@ -229,7 +243,7 @@ def test_half_open_verdict_waits_for_the_last_probe() -> None:
 def test_half_open_failing_probes_reopen_and_a_new_wait_starts() -> None:
     breaker, events = _breaker(permitted_calls_in_half_open=3, failure_rate_threshold=50)
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     probes = [breaker.allow(later) for _ in range(3)]
     reopened_at = later + 2.0
     for probe, ok in zip(probes, (True, False, False), strict=True):
@@ -239,7 +253,7 @@ def test_half_open_failing_probes_reopen_and_a_new_wait_starts() -> None:
     assert (events[-1].from_state, events[-1].to_state) == (HALF_OPEN, OPEN)
     assert events[-1].reason is TransitionReason.FAILURE_RATE
     assert breaker.allow(reopened_at + 4.9) is None  # the wait counts from the reopening
-    assert breaker.allow(reopened_at + 5.0) is not None
+    assert breaker.allow(reopened_at + 5.001) is not None
     assert breaker.state is HALF_OPEN
 
 
@@ -248,12 +262,12 @@ def test_half_open_slow_probes_reopen() -> None:
         permitted_calls_in_half_open=2, slow_call_rate_threshold=50, slow_call_duration_s=1.0
     )
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     first, second = breaker.allow(later), breaker.allow(later)
     assert first is not None
     assert second is not None
     breaker.record(first, True, 0.1, later)
-    breaker.record(second, True, 1.0, later)
+    breaker.record(second, True, 1.5, later)
     assert breaker.state is OPEN
     assert events[-1].reason is TransitionReason.SLOW_CALL_RATE
 
@@ -261,7 +275,7 @@ def test_half_open_slow_probes_reopen() -> None:
 def test_release_frees_a_half_open_slot_without_counting() -> None:
     breaker, _ = _breaker(permitted_calls_in_half_open=2)
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     first, second = breaker.allow(later), breaker.allow(later)
     assert first is not None
     assert second is not None
@@ -280,7 +294,7 @@ def test_release_frees_a_half_open_slot_without_counting() -> None:
 def test_half_open_probe_recorded_twice_counts_once() -> None:
     breaker, _ = _breaker(permitted_calls_in_half_open=2)
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     probe = breaker.allow(later)
     assert probe is not None
     breaker.record(probe, True, 0.01, later)
@@ -293,11 +307,11 @@ def test_half_open_reopens_after_max_wait_without_a_verdict() -> None:
     breaker, events = _breaker(permitted_calls_in_half_open=2, max_wait_in_half_open_s=3.0)
     now = _half_open(breaker)
     assert breaker.allow(now + 2.9) is not None
-    assert breaker.allow(now + 3.0) is None
+    assert breaker.allow(now + 3.0) is None  # the half-open timer fires at t + max wait
     assert breaker.state is OPEN
     assert events[-1].reason is TransitionReason.HALF_OPEN_TIMEOUT
     assert breaker.allow(now + 7.9) is None
-    assert breaker.allow(now + 8.0) is not None  # a fresh wait from the timeout
+    assert breaker.allow(now + 8.001) is not None  # a fresh wait from the timeout
 
 
 # ---- stale permits ---------------------------------------------------------------------------
@@ -308,7 +322,7 @@ def test_a_closed_permit_recorded_after_opening_is_ignored() -> None:
     early = breaker.allow(T0)
     assert early is not None
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     probe = breaker.allow(later)
     assert probe is not None
     breaker.record(early, False, 10.0, later)  # stale: must not fail the half-open verdict
@@ -321,7 +335,7 @@ def test_a_closed_permit_recorded_after_opening_is_ignored() -> None:
 def test_a_probe_recorded_after_closing_does_not_count_in_the_new_window() -> None:
     breaker, _ = _breaker(permitted_calls_in_half_open=2)
     _open(breaker)
-    later = T0 + 5.0
+    later = T0 + 5.001
     first, second = breaker.allow(later), breaker.allow(later)
     assert first is not None
     assert second is not None
@@ -341,13 +355,13 @@ def test_a_probe_recorded_after_closing_does_not_count_in_the_new_window() -> No
 def test_on_transition_is_called_once_per_transition_with_from_and_to() -> None:
     breaker, events = _breaker(permitted_calls_in_half_open=1)
     _open(breaker)
-    probe = breaker.allow(T0 + 5.0)
+    probe = breaker.allow(T0 + 5.001)
     assert probe is not None
-    breaker.allow(T0 + 5.0)  # rejected: no transition
+    breaker.allow(T0 + 5.001)  # rejected: no transition
     breaker.record(probe, True, 0.01, T0 + 6.0)
     assert [(e.from_state, e.to_state, e.at) for e in events] == [
         (CLOSED, OPEN, T0),
-        (OPEN, HALF_OPEN, T0 + 5.0),
+        (OPEN, HALF_OPEN, T0 + 5.001),
         (HALF_OPEN, CLOSED, T0 + 6.0),
     ]
     assert all(e.name == "model" for e in events)
@@ -400,8 +414,11 @@ def test_config_defaults_follow_resilience4j() -> None:
     assert config.failure_rate_threshold == 50.0
     assert config.sliding_window_type == "count"
     assert config.sliding_window_size == 100
-    assert config.minimum_number_of_calls == 20
-    assert not config.slow_calls_checked
+    assert config.minimum_number_of_calls == 20  # batchline's (resilience4j: 100)
+    assert config.slow_call_rate_threshold == 100.0
+    assert config.slow_call_duration_s == 60.0
+    assert config.wait_duration_in_open_s == 5.0  # batchline's (resilience4j: 60 s)
+    assert config.permitted_calls_in_half_open == 5  # batchline's (resilience4j: 10)
 
 
 def test_from_mapping_builds_a_config_and_accepts_integer_seconds() -> None:
@@ -423,6 +440,105 @@ def test_from_mapping_rejects_unknown_keys_naming_prefix_and_key() -> None:
 def test_from_mapping_rejects_bad_values_naming_prefix_and_key() -> None:
     with pytest.raises(ValueError, match=r"^breaker\.permitted_calls_in_half_open: "):
         BreakerConfig.from_mapping("breaker", {"permitted_calls_in_half_open": "five"})
+
+
+# ---- resilience4j scenario table -------------------------------------------------------------
+#
+# Each trace is written by hand from resilience4j's documentation (CircuitBreaker: "count-based
+# sliding window", "minimumNumberOfCalls", "permittedNumberOfCallsInHalfOpenState", "slow calls")
+# and its CircuitBreakerStateMachine: HALF_OPEN judges with min(minimumNumberOfCalls,
+# permittedNumberOfCallsInHalfOpenState) calls; rates are compared with >=; a call is slow when
+# its duration is > slowCallDurationThreshold; OPEN moves on when now is after open + wait.
+# Steps: S a fast success, F a fast failure, L a slow success (2 s), E exactly 1 s (not slow),
+# "+x" advances the clock by x seconds, "?" an allow whose answer is checked ("y"/"n") instead
+# of a state. The expected column names the state after each step.
+
+_SCENARIOS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "half-open F,F re-opens after the 2nd (min 2 < probes 5)": (
+        {"minimum_number_of_calls": 2, "permitted_calls_in_half_open": 5},
+        "F F +10.5 F F",
+        "C O H O",
+    ),
+    "half-open S,S closes (min 2 < probes 5)": (
+        {"minimum_number_of_calls": 2, "permitted_calls_in_half_open": 5},
+        "F F +10.5 S S",
+        "C O H C",
+    ),
+    "half-open S then F re-opens at 50 %": (
+        {"minimum_number_of_calls": 2, "permitted_calls_in_half_open": 5},
+        "F F +10.5 S F",
+        "C O H O",
+    ),
+    "half-open F,F,S,S,S with min 5 closes on the 5th (40 %)": (
+        {"minimum_number_of_calls": 5, "permitted_calls_in_half_open": 5},
+        "F F F F F +10.5 F F S S S",
+        "C C C C O H H H H C",
+    ),
+    "half-open F,F,F,S,S with min 5 re-opens on the 5th (60 %)": (
+        {"minimum_number_of_calls": 5, "permitted_calls_in_half_open": 5},
+        "F F F F F +10.5 F F F S S",
+        "C C C C O H H H H O",
+    ),
+    "count window: 2 of 4 failed opens at exactly 50 %": (
+        {"sliding_window_size": 4, "minimum_number_of_calls": 4},
+        "S F S F",
+        "C C C O",
+    ),
+    "count window: 1 of 4 failed stays closed, the oldest slides out": (
+        {"sliding_window_size": 4, "minimum_number_of_calls": 4},
+        "F S S S S F F",
+        "C C C C C C O",
+    ),
+    "slow threshold 100: opens when every call is slow": (
+        {"sliding_window_size": 3, "minimum_number_of_calls": 3, "slow_call_duration_s": 1.0},
+        "L L S L L L",
+        "C C C C C O",
+    ),
+    "a call exactly at the slow duration is not slow": (
+        {
+            "sliding_window_size": 3,
+            "minimum_number_of_calls": 3,
+            "slow_call_duration_s": 1.0,
+            "slow_call_rate_threshold": 50,
+        },
+        "E E E L L",
+        "C C C C O",
+    ),
+    "open: rejected at exactly the wait, half-open just after": (
+        {"minimum_number_of_calls": 2, "permitted_calls_in_half_open": 2},
+        "F F +10 ? +0.001 ?",
+        "C O n y",
+    ),
+    "half-open: exactly N permits, recorded probes keep their slot": (
+        {"minimum_number_of_calls": 3, "permitted_calls_in_half_open": 3},
+        "F F F +10.5 S S ? ? ?",
+        "C C O H H y n n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCENARIOS))
+def test_resilience4j_scenario(name: str) -> None:
+    overrides, steps, expected = _SCENARIOS[name]
+    config = {"sliding_window_size": 10, "wait_duration_in_open_s": 10.0, **overrides}
+    breaker = CircuitBreaker("r4j", BreakerConfig(**config))
+    letters = {"C": CLOSED, "O": OPEN, "H": HALF_OPEN}
+    durations = {"S": 0.01, "F": 0.01, "L": 2.0, "E": 1.0}
+    now = T0
+    want = iter(expected.split())
+    for step in steps.split():
+        if step.startswith("+"):
+            now += float(step[1:])
+            continue
+        if step == "?":
+            answer = "n" if breaker.allow(now) is None else "y"
+            assert answer == next(want), f"{name}: allow at {now - T0:g}"
+            continue
+        permit = breaker.allow(now)
+        assert permit is not None, f"{name}: {step} rejected in {breaker.state}"
+        breaker.record(permit, step != "F", durations[step], now)
+        assert breaker.state is letters[next(want)], f"{name}: after {step} at {now - T0:g}"
+    assert next(want, None) is None, f"{name}: expected column longer than the steps"
 
 
 # ---- random sequences ------------------------------------------------------------------------
@@ -501,7 +617,7 @@ class BreakerMachine(RuleBasedStateMachine):
         self._absorb_events()
         wait = self.breaker.config.wait_duration_in_open_s
         if before is OPEN:
-            assert (permit is not None) == (self.now >= self.opened_at + wait)
+            assert (permit is not None) == (self.now > self.opened_at + wait)
         if permit is not None:
             probe = self.breaker.state is HALF_OPEN
             self.permits.append((permit, self.episode if probe else -1))
@@ -523,15 +639,14 @@ class BreakerMachine(RuleBasedStateMachine):
     def _record(self, index: int, ok: bool, slow: bool) -> None:
         permit, _ = self.permits.pop(index % len(self.permits))
         before = self.breaker.state
-        self.breaker.record(permit, ok, 1.0 if slow else 0.1, self.now)
+        self.breaker.record(permit, ok, 2.0 if slow else 0.1, self.now)
         self._absorb_events()
         if before is CLOSED and self.breaker.state is CLOSED:
             # A record that leaves the breaker CLOSED leaves it below every threshold.
             metrics = self.breaker.metrics(self.now)
             config = self.breaker.config
             assert metrics.failure_rate < config.failure_rate_threshold
-            if config.slow_calls_checked:
-                assert metrics.slow_call_rate < config.slow_call_rate_threshold
+            assert metrics.slow_call_rate < config.slow_call_rate_threshold
 
     @precondition(lambda self: self.permits)
     @rule(index=st.integers(0, 50))
