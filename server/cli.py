@@ -171,7 +171,11 @@ def cmd_features_materialize(args: argparse.Namespace) -> int:
             f"{done.skipped_rows} rows without an id skipped)"
         )
 
-    _run(run())
+    try:
+        _run(run())
+    except ValueError as exc:  # a refused input file (duplicated ids, unreadable Parquet)
+        print(f"batchline: features materialize: {args.input}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -51,8 +51,30 @@ async def materialize(
     updated_at: float | None = None,
     chunk: int = 5000,
 ) -> Materialized:
-    """Write every row's features under its entity id; rows without an id are skipped."""
+    """Write every row's features under its entity id; rows without an id are skipped.
+
+    A file that names one entity twice is refused before anything is written (ValueError naming
+    the ids): the store keeps one vector per id, so "the last row wins" would serve something
+    other than what an offline job reading the same file would see.
+    """
     stamp = time.time_ns() / 1e9 if updated_at is None else updated_at
+    rows = list(rows)
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for row in rows:
+        entity = row.get(view.entity_key)
+        if entity is None or str(entity) == "":
+            continue
+        key = str(entity)
+        if key in seen and key not in repeated:
+            repeated.append(key)
+        seen.add(key)
+    if repeated:
+        shown = ", ".join(repeated[:10]) + (" ..." if len(repeated) > 10 else "")
+        raise ValueError(
+            f"{len(repeated)} {view.entity_key} value(s) appear on more than one row: {shown}; "
+            "keep one row per entity (e.g. the latest) and materialize again"
+        )
     entities: list[str] = []
     vectors: list[np.ndarray] = []
     bad = 0

@@ -27,6 +27,8 @@ import numpy as np
 
 from server.errors import NotFound
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 _TIME = struct.Struct("<d")
 
 
@@ -129,7 +131,7 @@ class FeatureView:
             absent |= (now - records["t"]) > self.max_age_s  # stale: as good as missing
         if absent.any():
             matrix[absent] = self.defaults
-        holes = np.isnan(matrix)
+        holes = ~np.isfinite(matrix)  # a stored inf (another writer's) is as good as missing
         if holes.any():
             filled = holes.sum(axis=1)
             matrix = np.where(holes, self.defaults, matrix)
@@ -150,7 +152,7 @@ class FeatureView:
                 and (not self.max_age_s or now - _TIME.unpack_from(blob)[0] <= self.max_age_s)
             ):
                 row = np.frombuffer(blob, dtype="<f4", offset=8).reshape(1, self.width)
-                if not np.isnan(row).any():
+                if np.isfinite(row).all():
                     return row, [], 0
         matrix, absent, filled = self.decode(blobs, now)
         if self.missing_entity == "strict" and absent.any():
@@ -178,7 +180,9 @@ class FeatureView:
                 value = float(raw) if raw is not None and raw != "" else math.nan
             except (TypeError, ValueError):
                 value = math.nan
-            if math.isnan(value) or math.isinf(value):
+            # Finite as float64 is not enough: "1e39" overflows float32 to inf. What the model
+            # would see (after the cast) must be finite, or the value counts as missing.
+            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
                 bad += 1
                 value = math.nan
             values[i] = value

@@ -6,12 +6,15 @@ import asyncio
 import csv
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 
 from registry_client.demo import load_reference
@@ -100,9 +103,14 @@ async def test_online_vectors_equal_what_materialize_read_offline_byte_for_byte(
         blobs = await lookup.get([view.key(e) for e in written.entities])
         online = np.vstack([view.unpack(b)[1] for b in blobs if b is not None])  # type: ignore[index]
         assert online.tobytes() == written.matrix.tobytes()
-        # Offline, training read the same table through the same view:
-        offline = np.vstack([view.row_values(r)[0] for r in read_rows(entity_table)])
-        assert offline.tobytes() == online.tobytes()
+        # Offline, computed without batchline: pandas reads the CSV, non-numbers become NaN.
+        table = pd.read_csv(entity_table, dtype={"customer_id": str})
+        offline = (
+            table[list(FEATURES)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
+        )
+        assert list(table["customer_id"]) == written.entities
+        np.testing.assert_array_equal(online, offline)  # NaN where pandas has NaN, equal elsewhere
+        assert int(np.isnan(offline).sum()) == written.bad_values
     finally:
         await store.close()
 
@@ -330,3 +338,73 @@ def test_one_row_and_batch_decoding_agree(max_age_s: float) -> None:
         assert count == filled[i]
     assert absent.tolist() == [False, True, max_age_s > 0, False, True]
     assert filled.tolist() == [0, 0, 0, 2, 0]
+
+
+async def test_a_value_that_overflows_float32_is_missing_not_inf(tmp_path: Path) -> None:
+    # 1e39 is finite as float64 and +inf once cast to float32, what the model would see.
+    view = _view()
+    row = {"customer_id": "c1", **{name: "0.5" for name in FEATURES}, "f2": "1e39", "f3": "-4e38"}
+    store = open_feature_store(f"sqlite:///{tmp_path / 'features.db'}")
+    try:
+        written = await materialize(view, [row], store)
+        assert written.bad_values == 2
+        assert np.isnan(written.matrix[0, 2]) and np.isnan(written.matrix[0, 3])
+        lookup = FeatureLookup(store, timeout_s=1.0)
+        blobs = await lookup.get([view.key("c1")])
+        matrix, defaulted, filled = view.to_matrix(["c1"], blobs, time.time())
+        assert (matrix[0, 2], matrix[0, 3]) == (-1.0, -1.0)  # the view's defaults
+        assert np.isfinite(matrix).all()
+        assert (defaulted, filled) == ([0], 2)
+    finally:
+        await store.close()
+
+
+def test_a_stored_inf_from_another_writer_is_filled_with_the_default() -> None:
+    view = _view()
+    values = np.full(len(FEATURES), 0.25, dtype=np.float32)
+    values[5] = np.inf
+    blob = view.pack(values, time.time())
+    matrix, defaulted, filled = view.to_matrix(["c9"], [blob], time.time())
+    assert matrix[0, 5] == -1.0
+    assert (defaulted, filled) == ([0], 1)
+
+
+async def test_materialize_refuses_duplicated_entity_ids_before_writing(tmp_path: Path) -> None:
+    view = _view()
+    rows = [
+        {"customer_id": cid, **{name: str(i) for name in FEATURES}}
+        for i, cid in enumerate(["a", "b", "a", "c", "b", "a"])
+    ]
+    store = open_feature_store(f"sqlite:///{tmp_path / 'features.db'}")
+    try:
+        with pytest.raises(ValueError, match=r"2 customer_id value\(s\).*: a, b;"):
+            await materialize(view, rows, store)
+        lookup = FeatureLookup(store, timeout_s=1.0)
+        assert await lookup.get([view.key("a"), view.key("c")]) == [None, None]
+    finally:
+        await store.close()
+
+
+def test_materialize_cli_names_the_file_and_the_duplicated_ids(
+    demo_registry: Path, tmp_path: Path
+) -> None:
+    table = tmp_path / "dupes.csv"
+    with open(table, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["customer_id", *FEATURES])
+        writer.writerow(["x1", *["0.1"] * len(FEATURES)])
+        writer.writerow(["x1", *["0.2"] * len(FEATURES)])
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "server.cli", "features", "materialize",
+            "--registry", str(demo_registry), "--model", "churn@production",
+            "--input", str(table), "--store", f"sqlite:///{tmp_path / 'f.db'}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert str(table) in done.stderr
+    assert "x1" in done.stderr
+    assert "Traceback" not in done.stderr
