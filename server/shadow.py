@@ -523,8 +523,10 @@ class GateConfig:
             if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name}: expected a number in 0..1, got {value!r}")
         value = self.max_mean_abs_diff
-        if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
-            raise ValueError(f"max_mean_abs_diff: expected a number >= 0, got {value!r}")
+        # inf is allowed (and documented): it turns the score check off for a model without
+        # scores. NaN is refused (every comparison with it is false).
+        if isinstance(value, bool) or not (isinstance(value, int | float) and value >= 0):
+            raise ValueError(f"max_mean_abs_diff: expected a number >= 0 or inf, got {value!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateConfig:

@@ -40,20 +40,30 @@ def _field(tag: int, payload: bytes) -> bytes:
     return bytes((tag,)) + _len(len(payload)) + payload
 
 
+def _scalar(tag: int, payload: bytes) -> bytes:
+    """A proto3 singular field: omitted when empty, as protobuf's own encoder does."""
+    return _field(tag, payload) if payload else b""
+
+
 def _tensor_header(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
     packed = b"".join(varint(d) for d in shape)
-    body = _field(0x0A, name.encode()) + _field(0x12, datatype.encode()) + _field(0x1A, packed)
+    body = _scalar(0x0A, name.encode()) + _scalar(0x12, datatype.encode()) + _scalar(0x1A, packed)
     return _field(0x2A, body)  # ModelInferResponse.outputs = 5
 
 
 class RawResponseEncoder:
     """Encodes raw-path results; raises KeyError for what it does not handle (BYTES outputs,
-    parameters), which the caller answers with the general protobuf encoder."""
+    parameters), which the caller answers with the general protobuf encoder.
+
+    Fields go in field-number order (model_name 1, model_version 2, id 3, outputs 5,
+    raw_output_contents 6) and empty singular fields are left out, so the bytes equal protobuf's
+    own serialisation of the same message (a property test checks it byte for byte)."""
 
     def __init__(self) -> None:
-        self._headers: dict[tuple[object, ...], bytes] = {}
+        self._headers: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
 
-    def header(self, result: InferResult) -> bytes:
+    def header(self, result: InferResult) -> tuple[bytes, bytes]:
+        """(model name + version, output tensor headers): the cached parts around the id."""
         key = (
             result.model,
             result.version,
@@ -62,13 +72,14 @@ class RawResponseEncoder:
         cached = self._headers.get(key)
         if cached is not None:
             return cached
-        parts = [_field(0x0A, result.model.encode()), _field(0x12, result.version.encode())]
+        prefix = _scalar(0x0A, result.model.encode()) + _scalar(0x12, result.version.encode())
+        parts = []
         for name, array in result.outputs.items():
             datatype = NUMPY_TO_V2[array.dtype]
             if datatype == "BYTES":
                 raise KeyError(name)
             parts.append(_tensor_header(name, datatype, array.shape))
-        header = b"".join(parts)
+        header = (prefix, b"".join(parts))
         if len(self._headers) >= _MAX_HEADERS:
             self._headers.clear()
         self._headers[key] = header
@@ -77,9 +88,11 @@ class RawResponseEncoder:
     def encode(self, result: InferResult) -> bytes:
         if result.parameters:
             raise KeyError("parameters")
-        parts = [self.header(result)]
+        prefix, outputs = self.header(result)
+        parts = [prefix]
         if result.id:
             parts.append(_field(0x1A, result.id.encode()))
+        parts.append(outputs)
         for array in result.outputs.values():
             data = np.ascontiguousarray(array).tobytes()
             parts.append(b"\x32" + _len(len(data)) + data)  # raw_output_contents = 6

@@ -322,6 +322,16 @@ def test_gate_waits_when_a_threshold_cannot_be_measured() -> None:
     assert evaluate_gate(no_labels, 0, regressor_gate).action == "promote"
 
 
+def test_gate_without_scores_as_its_docstring_says_max_mean_abs_diff_inf() -> None:
+    no_scores = _report(mean_abs_diff=math.nan)
+    assert evaluate_gate(no_scores, 0, GATE).action == "wait"
+    unscored = GateConfig(500, 0.99, float("inf"), 0.01)
+    decision = evaluate_gate(no_scores, 0, unscored)
+    assert decision.action == "promote"
+    assert "inf" in decision.summary()
+    assert GateConfig.from_dict({"max_mean_abs_diff": math.inf}).max_mean_abs_diff == math.inf
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -329,6 +339,8 @@ def test_gate_waits_when_a_threshold_cannot_be_measured() -> None:
         ({"min_agreement": 1.5}, "min_agreement"),
         ({"max_error_rate": -0.1}, "max_error_rate"),
         ({"max_mean_abs_diff": -1.0}, "max_mean_abs_diff"),
+        ({"max_mean_abs_diff": math.nan}, "max_mean_abs_diff"),
+        ({"max_mean_abs_diff": True}, "max_mean_abs_diff"),
     ],
 )
 def test_gate_config_validation_names_the_field(kwargs: dict[str, Any], field: str) -> None:
