@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck proto bench clean install
+.PHONY: demo test test-fast lint typecheck proto bench clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,16 @@ demo: $(STAMP)
 	$(PY) -m server.cli demo --registry demo-registry
 
 test: $(STAMP)
-	@command -v redis-server >/dev/null || { echo "redis-server is required for the tests (apt-get install redis-server)"; exit 1; }
-	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "nginx is required for the tests (apt-get install nginx-light)"; exit 1; }
+	@bash scripts/system-deps.sh
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# The unit tests alone (no server process, no redis-server, no nginx): under 30 s.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

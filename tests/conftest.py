@@ -6,6 +6,20 @@ from pathlib import Path
 
 import pytest
 
+_FOLDER_MARKERS = ("unit", "integration", "fault", "deploy", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test by the folder it lives in (tests/<marker>/...), so `-m unit` works."""
+    root = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(root).parts[0]
+        if folder not in _FOLDER_MARKERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in tests/<{'|'.join(_FOLDER_MARKERS)}>/"
+            )
+        item.add_marker(getattr(pytest.mark, folder))
+
 
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -294,10 +294,15 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
     late = tally.codes(lambda o: o.tag == "slow")
     on_time = tally.codes(lambda o: o.tag == "normal")
     expired = metric(samples, "batchline_dropped_requests_total", reason="deadline", **model)
+    # A caller's deadline reaches the queue two ways: the batcher finds it passed (reason
+    # "deadline"), or gRPC cancels the call first (reason "cancelled"). Which one wins is a race
+    # that a busy second core decides; either way the request left the queue before the model.
+    cancelled = metric(samples, "batchline_dropped_requests_total", reason="cancelled", **model)
     print(
         f"slow model: slow {dict(late)}, normal {dict(on_time)}; in flight / queue rows seen up "
         f"to {max(b[0] for b in busy):.0f} / {max(b[1] for b in busy):.0f}; the server expired "
-        f"{expired:.0f} queued requests; drained in {drained:.2f}s"
+        f"{expired:.0f} and dropped {cancelled:.0f} cancelled queued requests; drained in "
+        f"{drained:.2f}s"
     )
     tally.assert_none_lost()
     Servers.alive(server)
@@ -310,11 +315,11 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
     assert metric(samples, "batchline_queue_rows", **model) == 0
     assert metric(samples, "batchline_requests_in_flight") == 0
     # The server saw the storm (a gauge that never moves proves nothing) and dropped expired
-    # requests before they reached the model: requests expire only while queued, so the queue
+    # (or deadline-cancelled) requests before they reached the model: requests expire only while queued, so the queue
     # gauge read back 0 above after holding rows. (Sampling the queue gauge every 50 ms can miss
     # a queue that fills and drains between samples on a loaded machine: not asserted.)
     assert max(b[0] for b in busy) > 0, busy
-    assert expired > 0
+    assert expired + cancelled > 0
     Servers.stop(server)
 
 

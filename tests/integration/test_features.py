@@ -105,9 +105,7 @@ async def test_online_vectors_equal_what_materialize_read_offline_byte_for_byte(
         assert online.tobytes() == written.matrix.tobytes()
         # Offline, computed without batchline: pandas reads the CSV, non-numbers become NaN.
         table = pd.read_csv(entity_table, dtype={"customer_id": str})
-        offline = (
-            table[list(FEATURES)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
-        )
+        offline = table[list(FEATURES)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
         assert list(table["customer_id"]) == written.entities
         np.testing.assert_array_equal(online, offline)  # NaN where pandas has NaN, equal elsewhere
         assert int(np.isnan(offline).sum()) == written.bad_values
@@ -346,12 +344,13 @@ async def test_a_value_that_overflows_float32_is_missing_not_inf(tmp_path: Path)
     row = {"customer_id": "c1", **{name: "0.5" for name in FEATURES}, "f2": "1e39", "f3": "-4e38"}
     store = open_feature_store(f"sqlite:///{tmp_path / 'features.db'}")
     try:
-        written = await materialize(view, [row], store)
+        written = await materialize(view, [row], store, updated_at=1000.0)
         assert written.bad_values == 2
-        assert np.isnan(written.matrix[0, 2]) and np.isnan(written.matrix[0, 3])
+        assert np.isnan(written.matrix[0, 2])
+        assert np.isnan(written.matrix[0, 3])
         lookup = FeatureLookup(store, timeout_s=1.0)
         blobs = await lookup.get([view.key("c1")])
-        matrix, defaulted, filled = view.to_matrix(["c1"], blobs, time.time())
+        matrix, defaulted, filled = view.to_matrix(["c1"], blobs, 1000.0)
         assert (matrix[0, 2], matrix[0, 3]) == (-1.0, -1.0)  # the view's defaults
         assert np.isfinite(matrix).all()
         assert (defaulted, filled) == ([0], 2)
@@ -363,8 +362,8 @@ def test_a_stored_inf_from_another_writer_is_filled_with_the_default() -> None:
     view = _view()
     values = np.full(len(FEATURES), 0.25, dtype=np.float32)
     values[5] = np.inf
-    blob = view.pack(values, time.time())
-    matrix, defaulted, filled = view.to_matrix(["c9"], [blob], time.time())
+    blob = view.pack(values, 1000.0)
+    matrix, defaulted, filled = view.to_matrix(["c9"], [blob], 1000.0)
     assert matrix[0, 5] == -1.0
     assert (defaulted, filled) == ([0], 1)
 
@@ -396,10 +395,20 @@ def test_materialize_cli_names_the_file_and_the_duplicated_ids(
         writer.writerow(["x1", *["0.2"] * len(FEATURES)])
     done = subprocess.run(
         [
-            sys.executable, "-m", "server.cli", "features", "materialize",
-            "--registry", str(demo_registry), "--model", "churn@production",
-            "--input", str(table), "--store", f"sqlite:///{tmp_path / 'f.db'}",
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "server.cli",
+            "features",
+            "materialize",
+            "--registry",
+            str(demo_registry),
+            "--model",
+            "churn@production",
+            "--input",
+            str(table),
+            "--store",
+            f"sqlite:///{tmp_path / 'f.db'}",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
