@@ -75,6 +75,9 @@ ROLE_NAMES: dict[int, str] = {
 WindowKey = tuple[str, str, str]  # model, version, role
 ProfileLoader = Callable[[str, str], ReferenceProfile | None]
 _MAX_PRODUCERS = 1024
+# Request ids longer than this (bytes) are not kept for labels: the server refuses them at
+# max_request_id_bytes (256 by default); a forged record cannot fill label memory with them.
+MAX_REQUEST_ID_BYTES = 1024
 _HTTP_TIMEOUT_S = 10.0
 
 
@@ -439,6 +442,10 @@ class DriftMonitor:
         for rec in batch.records:
             rows = rec.rows
             self.records_total += 1
+            if rows <= 0:
+                # A record of no rows carries nothing to compare, yet would take label memory.
+                self._reject("rows")
+                continue
             self.rows_total += rows
             key = (rec.model, rec.version, ROLE_NAMES.get(rec.role, "unspecified"))
             window = self._windows.get(key) or self._open(key, now)
@@ -486,7 +493,12 @@ class DriftMonitor:
                 group[2].extend([math.nan] * rows)
             group[3][0] += 1
             if remember and rec.request_id:
-                self._remember(rec.request_id, key, rec)
+                if len(rec.request_id) > MAX_REQUEST_ID_BYTES // 4 and (
+                    len(rec.request_id.encode()) > MAX_REQUEST_ID_BYTES
+                ):
+                    self._reject("request_id")  # the rows count; the id is not kept for labels
+                else:
+                    self._remember(rec.request_id, key, rec)
         for window, features, scores, records in groups.values():
             profile = window.profile
             assert profile is not None
@@ -986,7 +998,9 @@ class Sidecar:
         path, _, query = target.partition("?")
         params = {k: v[-1] for k, v in parse_qs(query).items()}
         model, version = params.get("model", ""), params.get("version", "")
-        refresh = params.get("refresh", "1") not in ("0", "false")
+        # The last evaluation unless asked (?refresh=1): a page load must not be a way to make
+        # the sidecar evaluate every window on demand.
+        refresh = params.get("refresh", "0") not in ("0", "false")
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/report.json":

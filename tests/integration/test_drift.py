@@ -49,7 +49,7 @@ class Sidecar:
         return body
 
     def report(self) -> dict[str, object]:
-        doc: dict[str, object] = json.loads(self.get("/report.json"))
+        doc: dict[str, object] = json.loads(self.get("/report.json?refresh=1"))
         return doc
 
     def window(self, model: str = "churn", version: str = "1") -> dict[str, object]:
@@ -182,7 +182,7 @@ async def test_streamed_predictions_show_up_in_report_and_metrics_with_the_drift
     active = tuple(sorted((*drifted, ("rule", "feature_psi > 0.25"))))
     assert metrics["batchline_drift_alert_active", active] == 1.0
     assert metrics["batchline_drift_alerts_fired_total", (("metric", "feature_psi"),)] == 1.0
-    page = sidecar.get("/report").decode()
+    page = sidecar.get("/report?refresh=1").decode()
     assert page.count("<svg") == 16  # the score and 15 features
 
     text = await asyncio.to_thread(drift_report.fetch_report, sidecar.address)

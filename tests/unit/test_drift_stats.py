@@ -452,6 +452,28 @@ def test_label_memory_is_bounded_in_rows() -> None:
     assert ack.unknown == 1  # the oldest went first
 
 
+def test_records_of_zero_rows_are_rejected_and_take_no_label_memory() -> None:
+    profile = build_profile(np.arange(10, dtype=float)[:, None], [0.5])
+    monitor = DriftMonitor(DriftSettings(eval_every_records=0), lambda m, v: profile)
+    for i in range(1000):
+        record = pb.PredictionRecord(
+            model="churn", version="1", role=pb.ROLE_PRIMARY, request_id=f"z{i}", rows=0
+        )
+        monitor.ingest(pb.PredictionBatch(records=[record]))
+    assert monitor.rejected == {"rows": 1000}
+    assert monitor.pending_label_rows == 0
+    assert monitor.window_states() == []
+
+
+def test_oversized_request_ids_are_not_kept_for_labels() -> None:
+    profile = build_profile(np.arange(10, dtype=float)[:, None], [0.5])
+    monitor = DriftMonitor(DriftSettings(eval_every_records=0), lambda m, v: profile)
+    monitor.ingest(batch_of([[1.0]], [0.5], "x" * (2 * 1024 * 1024)))  # a 2 MiB id
+    monitor.ingest(batch_of([[1.0]], [0.5], "ok"))
+    assert monitor.rejected == {"request_id": 1}
+    assert monitor.pending_label_rows == 1  # only "ok"'s row waits for a label
+
+
 def test_windows_are_bounded_and_unknown_models_never_evict_monitored_ones() -> None:
     profile = build_profile(np.arange(10, dtype=float)[:, None], [0.5])
     settings = DriftSettings(max_windows=2, eval_every_records=0)
