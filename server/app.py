@@ -157,6 +157,7 @@ class App:
             self.pipeline,
             self.clock,
             max_tensor_elements=server_settings.max_tensor_elements,
+            max_request_id_bytes=server_settings.max_request_id_bytes,
             is_ready=lambda: self._ready,
             admin_token=server_settings.admin_token,
             tracing=self.tracing if self.tracing.enabled else None,

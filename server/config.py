@@ -12,6 +12,7 @@ that names the key, e.g. `models.churn.max_batch_size: expected an integer >= 1,
     grace_period_s = 10.0
     max_message_bytes = 67108864
     max_tensor_elements = 4194304
+    max_request_id_bytes = 256   # longer request ids: INVALID_ARGUMENT
 
     [model_defaults]             # applied to every model, overridden per model
     max_batch_size = 64
@@ -106,6 +107,9 @@ class ServerSettings:
     grace_period_s: float = 10.0
     max_message_bytes: int = 64 * 1024 * 1024
     max_tensor_elements: int = 4 * 1024 * 1024
+    # A request id is kept by the drift queue, the shadow pair log and the sidecar's label
+    # memory: bounded per id here so those stay bounded in bytes, not only in count.
+    max_request_id_bytes: int = 256
     ready_file: str = ""
     log_level: str = "info"
     # Seconds between checks of each served alias in the registry; 0 turns watching off.
@@ -307,6 +311,10 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(f"server.max_message_bytes: expected >= 1024, got {s.max_message_bytes}")
     if s.max_tensor_elements < 1:
         raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
+    if s.max_request_id_bytes < 1:
+        raise ConfigError(
+            f"server.max_request_id_bytes: expected >= 1, got {s.max_request_id_bytes}"
+        )
     if s.feature_timeout_ms <= 0:
         raise ConfigError(f"server.feature_timeout_ms: expected > 0, got {s.feature_timeout_ms}")
     if s.max_pending_rpcs < 0:

@@ -17,11 +17,12 @@ import numpy as np
 
 from registry_client import ModelVersion, Registry
 from registry_client.errors import RegistryError
+from registry_client.refs import parse_ref
 from server.batching import BatchPolicy, DynamicBatcher
 from server.breaker import CircuitBreaker
 from server.clock import Clock
 from server.config import ModelSettings
-from server.errors import FailedPrecondition, NotFound, ServingError
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
 from server.features.view import FeatureView
 from server.observability.metrics import Metrics, ModelObserver
 from server.observability.stats import ModelStats
@@ -453,6 +454,8 @@ class ModelManager:
         slot = self.slots.get(name)
         if slot is None:
             raise ModelNotServed(self._unknown_model(name))
+        if ref is not None:
+            _same_model(name, slot.settings.ref, ref)
         async with slot.lock:
             settings = slot.settings if ref is None else replace(slot.settings, ref=ref)
             old = slot.current
@@ -661,3 +664,19 @@ class ModelManager:
         for served in self.all():
             served.batcher.close()
             served.runtime.close()
+
+
+def _same_model(name: str, served_ref: str, ref: str) -> None:
+    """A reload may move a served model to another version or alias of the same registry
+    model, never to another model: `churn` reloaded with `churn_mlp@1` would swap what every
+    client of `churn` gets behind their back (InvalidArgument naming both)."""
+    try:
+        wanted = parse_ref(ref).name
+    except RegistryError as exc:
+        raise InvalidArgument(f"ref: {exc}") from exc
+    served = parse_ref(served_ref).name
+    if wanted != served:
+        raise InvalidArgument(
+            f"ref: {ref!r} names registry model {wanted!r}, but {name!r} serves {served!r}; "
+            f"a reload may change the version or alias, not the model (e.g. {served}@2)"
+        )

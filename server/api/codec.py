@@ -43,11 +43,12 @@ class Limits:
     validation once to what decoding it needs, so a repeated request shape costs one dict hit.
     """
 
-    __slots__ = ("max_batch_size", "max_elements", "plans")
+    __slots__ = ("max_batch_size", "max_elements", "max_id_bytes", "plans")
 
-    def __init__(self, max_batch_size: int, max_elements: int) -> None:
+    def __init__(self, max_batch_size: int, max_elements: int, max_id_bytes: int = 256) -> None:
         self.max_batch_size = max_batch_size
         self.max_elements = max_elements
+        self.max_id_bytes = max_id_bytes
         self.plans: dict[tuple[str, str, tuple[int, ...]], tuple[np.dtype[Any] | None, int]] = {}
 
 
@@ -66,7 +67,9 @@ def _decode_raw_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
     items: list[bytes] = []
     offset = 0
     size = len(raw)
-    while offset < size:
+    # Stops at the declared count: a request can never make this loop run longer than its
+    # (already bounded) shape says, whatever raw_input_contents holds.
+    while offset < size and len(items) < count:
         if offset + 4 > size:
             raise InvalidArgument(
                 f"input '{name}': truncated BYTES element length in raw_input_contents"
@@ -77,6 +80,11 @@ def _decode_raw_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
             raise InvalidArgument(f"input '{name}': BYTES element overruns raw_input_contents")
         items.append(raw[offset : offset + length])
         offset += length
+    if offset < size:
+        raise InvalidArgument(
+            f"input '{name}': raw_input_contents holds more than the {count} BYTES elements "
+            "its shape declares"
+        )
     if len(items) != count:
         raise InvalidArgument(
             f"input '{name}': raw_input_contents holds {len(items)} BYTES elements; shape needs {count}"
@@ -119,6 +127,15 @@ def decode_request(
     deadline: float | None,
 ) -> InferRequest:
     """Validate a ModelInferRequest against a model's signature and decode its tensors."""
+    # UTF-8 takes at most 4 bytes a character: short ids skip the encode.
+    if (
+        len(request.id) > limits.max_id_bytes // 4
+        and len(request.id.encode()) > limits.max_id_bytes
+    ):
+        raise InvalidArgument(
+            f"id: the request id has {len(request.id.encode())} bytes; the limit is "
+            f"{limits.max_id_bytes} (max_request_id_bytes)"
+        )
     tensors = request.inputs
     raw_contents = request.raw_input_contents
     if len(tensors) == 1 and len(raw_contents) == 1:
@@ -210,6 +227,16 @@ def _decode_full(
             )
         shape = tensor.shape
         count = _check_shape(name, shape, spec.shape, limits)
+        # Rows are checked from the header, before any decoding: a [1e6] BYTES input is refused
+        # without touching its contents.
+        n = shape[0] if len(shape) else 1
+        if n == 0:
+            raise InvalidArgument("request has zero rows (batch dimension 0)")
+        if n > limits.max_batch_size:
+            raise InvalidArgument(
+                f"request has {n} rows; the model accepts at most {limits.max_batch_size} "
+                "(max_batch_size)"
+            )
         dtype = V2_TO_NUMPY[datatype]
         if use_raw:
             if _has_typed(tensor):
@@ -229,7 +256,6 @@ def _decode_full(
                 array = np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
         else:
             array = _decode_typed(tensor, datatype, dtype, count, name).reshape(tuple(shape))
-        n = shape[0] if len(shape) else 1
         if rows == -1:
             rows = n
         elif n != rows:

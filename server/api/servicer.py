@@ -51,6 +51,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         clock: Clock,
         *,
         max_tensor_elements: int,
+        max_request_id_bytes: int = 256,
         is_ready: Callable[[], bool],
         admin_token: str = "",
         tracing: Any = None,
@@ -61,6 +62,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._pipeline = pipeline
         self._clock = clock
         self._max_elements = max_tensor_elements
+        self._max_id_bytes = max_request_id_bytes
         self._is_ready = is_ready
         self._limits: dict[ServedModel, Limits] = {}
         self._wire = RawResponseEncoder()
@@ -75,7 +77,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         served = self._pipeline.resolve(request.model_name, request.model_version)
         limits = self._limits.get(served)
         if limits is None:
-            limits = self._limits[served] = Limits(served.max_batch_size, self._max_elements)
+            limits = self._limits[served] = Limits(
+                served.max_batch_size, self._max_elements, self._max_id_bytes
+            )
         deadline = None if remaining is None else self._clock.now() + remaining
         signature = served.signature
         entity_signature = served.entity_signature

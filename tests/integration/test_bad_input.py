@@ -163,6 +163,15 @@ CASES = {
         _outputs("label", "label"), INVALID, "'label' requested more than once"
     ),
     "too-many-rows": Case(lambda: good_request(MAX_BATCH_SIZE + 1), INVALID, "max_batch_size"),
+    # Rows are checked from the header before the contents are read: garbage contents behind
+    # too many rows still get the rows message, not a decoding one.
+    "too-many-rows-before-decoding": Case(
+        _tensor(shape=[MAX_BATCH_SIZE + 1, 15], raw=b"\x00" * 3), INVALID, "max_batch_size"
+    ),
+    "request-id-too-long": Case(_with(id="x" * 257), INVALID, "id: the request id has 257 bytes"),
+    "request-id-too-long-in-bytes": Case(
+        _with(id="\u00e9" * 129), INVALID, "258 bytes; the limit is 256 (max_request_id_bytes)"
+    ),
     "over-max-tensor-elements": Case(lambda: good_request(11), EXHAUSTED, "max_tensor_elements"),
     "over-max-message-bytes": Case(
         lambda: good_request(80),
@@ -200,6 +209,9 @@ async def test_malformed_request_is_refused_naming_the_field_and_the_server_keep
 async def test_good_requests_at_the_limits_succeed(limited_stub: Any) -> None:
     """The table's limits are exact: 8 rows (max_batch_size) on the raw and typed paths pass."""
     raw = await limited_stub.ModelInfer(good_request(MAX_BATCH_SIZE), timeout=TIMEOUT)
+    at_id_limit = good_request()
+    at_id_limit.id = "x" * 256
+    assert (await limited_stub.ModelInfer(at_id_limit, timeout=TIMEOUT)).id == "x" * 256
     typed = await limited_stub.ModelInfer(typed_request(MAX_BATCH_SIZE), timeout=TIMEOUT)
 
     assert list(raw.outputs[1].shape) == [MAX_BATCH_SIZE, 2]

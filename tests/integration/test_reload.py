@@ -18,7 +18,7 @@ from server._proto import admin_pb2_grpc as admin_grpc
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, InvalidArgument
 
 TOKEN = "s3cret-admin-token"
 
@@ -219,6 +219,24 @@ async def test_incompatible_signature_is_refused_and_the_old_version_keeps_servi
             await app.models.reload("churn", f"churn@{version}")
         reply = await stub.ModelInfer(_request(), timeout=10)
         assert reply.model_version == "1"
+
+
+async def test_a_reload_ref_must_name_the_served_model(
+    start_app: Callable[..., Awaitable[App]], registry: Path
+) -> None:
+    app = await start_app(models=("churn@1",), registry=registry)
+    with pytest.raises(InvalidArgument, match=r"names registry model 'churn_mlp'.*serves 'churn'"):
+        await app.models.reload("churn", "churn_mlp@1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = admin_grpc.AdminServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ReloadModel(
+                admin.ReloadModelRequest(model="churn", ref="churn_mlp@1"), timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ref:" in (refused.value.details() or "")
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=10)
+        assert (reply.model_name, reply.model_version) == ("churn", "1")
 
 
 async def test_admin_reload_needs_the_bearer_token_and_reports_status(
