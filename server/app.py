@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from registry_client import Registry, RegistryError, open_registry
-from server.api.admin import AdminServicer
+from server.api.admin import AdminGuard, AdminServicer, resolve_admin_token
 from server.api.server import Health, TlsFiles, build_server
 from server.api.servicer import InferenceServicer
 from server.breaker import CircuitBreaker
@@ -153,13 +153,18 @@ class App:
         server_settings = self.settings.server
         for model in self.settings.models:
             await self.models.load(model)
+        admin_guard = AdminGuard(
+            resolve_admin_token(server_settings.admin_token, server_settings.admin_token_file),
+            server_settings.host,
+            insecure=server_settings.admin_insecure,
+        )
         servicer = self._servicer = InferenceServicer(
             self.pipeline,
             self.clock,
             max_tensor_elements=server_settings.max_tensor_elements,
             max_request_id_bytes=server_settings.max_request_id_bytes,
             is_ready=lambda: self._ready,
-            admin_token=server_settings.admin_token,
+            admin_guard=admin_guard,
             tracing=self.tracing if self.tracing.enabled else None,
         )
         self._server, self.grpc_port = build_server(
@@ -169,7 +174,7 @@ class App:
             port=server_settings.grpc_port,
             max_message_bytes=server_settings.max_message_bytes,
             reuse_port=server_settings.workers > 1,
-            admin=AdminServicer(self.models, server_settings.admin_token),
+            admin=AdminServicer(self.models, admin_guard),
             tls=TlsFiles(server_settings.tls_cert, server_settings.tls_key, server_settings.tls_ca)
             if server_settings.tls_cert
             else None,

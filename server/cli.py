@@ -107,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "log_level": args.log_level,
             "feature_store": args.feature_store,
             "admin_token": args.admin_token,
+            "admin_token_file": args.admin_token_file,
         },
         model_refs=tuple(args.model or ()),
         model_overrides={
@@ -257,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--feature-store", help="redis://... or sqlite:///path (entity-keyed requests)"
     )
-    serve.add_argument("--admin-token", help="bearer token required by admin RPCs")
+    serve.add_argument(
+        "--admin-token",
+        help="bearer token required by admin RPCs (visible in the process list: prefer "
+        "BATCHLINE_ADMIN_TOKEN or --admin-token-file)",
+    )
+    serve.add_argument("--admin-token-file", help="file holding the admin bearer token")
     serve.add_argument("--canary", metavar="VERSION", help="canary version (with --canary-percent)")
     serve.add_argument("--canary-percent", type=float)
     serve.add_argument(

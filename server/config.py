@@ -114,8 +114,12 @@ class ServerSettings:
     log_level: str = "info"
     # Seconds between checks of each served alias in the registry; 0 turns watching off.
     poll_interval_s: float = 2.0
-    # Bearer token for admin RPCs (AdminService, RepositoryModelLoad); empty: no token needed.
+    # Bearer token for admin RPCs (AdminService, ModelStatus, RepositoryModelLoad/Unload).
+    # Prefer BATCHLINE_ADMIN_TOKEN or admin_token_file: a flag shows in /proc/PID/cmdline.
+    # With no token, admin RPCs answer only on a loopback host, unless admin_insecure = true.
     admin_token: str = ""
+    admin_token_file: str = ""
+    admin_insecure: bool = False
     # Online feature store for entity-keyed requests: redis://, rediss://, unix:// or
     # sqlite:///path; empty: requests must carry feature tensors.
     feature_store: str = ""
@@ -179,6 +183,7 @@ _ENV = {
     "BATCHLINE_LOG_LEVEL": "log_level",
     "BATCHLINE_POLL_INTERVAL_S": "poll_interval_s",
     "BATCHLINE_ADMIN_TOKEN": "admin_token",
+    "BATCHLINE_ADMIN_TOKEN_FILE": "admin_token_file",
     "BATCHLINE_FEATURE_STORE": "feature_store",
 }
 
@@ -311,6 +316,17 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(f"server.max_message_bytes: expected >= 1024, got {s.max_message_bytes}")
     if s.max_tensor_elements < 1:
         raise ConfigError(f"server.max_tensor_elements: expected >= 1, got {s.max_tensor_elements}")
+    if s.admin_token and s.admin_token_file:
+        raise ConfigError("server.admin_token_file: give the admin token or its file, not both")
+    if s.admin_token_file:
+        try:
+            token = Path(s.admin_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"server.admin_token_file: cannot read {s.admin_token_file}: {exc.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(f"server.admin_token_file: {s.admin_token_file} is empty")
     if s.max_request_id_bytes < 1:
         raise ConfigError(
             f"server.max_request_id_bytes: expected >= 1, got {s.max_request_id_bytes}"

@@ -1,8 +1,11 @@
-"""batchline.admin.v1.AdminService: reload and status. Bearer-token guarded when configured."""
+"""batchline.admin.v1.AdminService: reload, routes and status, behind one AdminGuard."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,25 +17,80 @@ from server.errors import InvalidArgument, ServingError
 from server.models import ModelManager, ModelSlot
 from server.routing import Route, ShadowSpec
 
+log = logging.getLogger("server.api.admin")
 
-def authorized(context: grpc.aio.ServicerContext, token: str) -> bool:
-    """True when no token is configured or the call carries `authorization: Bearer <token>`."""
-    if not token:
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
         return True
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, given = value.partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(
-                given.encode(), token.encode()
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_admin_token(token: str, token_file: str) -> str:
+    """The configured token: given directly (flag, BATCHLINE_ADMIN_TOKEN) or read from a file
+    (config checked that it is readable and not empty)."""
+    if token_file:
+        return Path(token_file).read_text().strip()
+    return token
+
+
+class AdminGuard:
+    """Who may call admin RPCs, decided once for the process and applied by every admin method
+    of every service (AdminService, Triton's RepositoryModelLoad/Unload) through `check`.
+
+    - A token is configured: the call must carry `authorization: Bearer <token>`.
+    - No token, the server listens on a loopback address only: admin is open (a local tool).
+    - No token on any other address: every admin RPC is refused (PERMISSION_DENIED, saying how
+      to set a token), unless `admin_insecure = true`, which logs a warning at start-up.
+
+    Not a gRPC interceptor: grpc.aio runs an interceptor for every call, ModelInfer included,
+    and the admin methods are few; one guard object shared by all of them keeps the policy in
+    one place without a cost on the inference path.
+    """
+
+    def __init__(self, token: str, host: str, *, insecure: bool = False) -> None:
+        self._token = token.encode()
+        self._open = not token and (insecure or _is_loopback(host))
+        self._host = host
+        if not token and insecure and not _is_loopback(host):
+            log.warning(
+                "admin RPCs are open to any caller on %s (admin_insecure = true, no admin token)",
+                host or "every address",
             )
-    return False
 
+    @property
+    def refuses_all(self) -> bool:
+        return not self._token and not self._open
 
-async def require_admin(context: grpc.aio.ServicerContext, token: str) -> None:
-    if not authorized(context, token):
+    def allowed(self, metadata: Any) -> bool:
+        if self._open:
+            return True
+        if not self._token:
+            return False
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, given = value.partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(
+                    given.encode(), self._token
+                )
+        return False
+
+    async def check(self, context: grpc.aio.ServicerContext) -> None:
+        if self.allowed(context.invocation_metadata()):
+            return
+        if self._token:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "admin call needs metadata authorization: Bearer <token>",
+            )
         await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "admin call needs metadata authorization: Bearer <token>",
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"admin RPCs are closed: no admin token is set and the server listens on "
+            f"{self._host or 'every address'}; set BATCHLINE_ADMIN_TOKEN or [server] "
+            "admin_token_file (or admin_insecure = true to open them without one)",
         )
 
 
@@ -73,12 +131,12 @@ def model_state(slot: ModelSlot) -> Any:
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
-    def __init__(self, models: ModelManager, token: str) -> None:
+    def __init__(self, models: ModelManager, guard: AdminGuard) -> None:
         self._models = models
-        self._token = token
+        self._guard = guard
 
     async def ReloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await require_admin(context, self._token)
+        await self._guard.check(context)
         try:
             outcome = await self._models.reload(request.model, request.ref or None)
         except ServingError as exc:
@@ -92,7 +150,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
         )
 
     async def GetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await require_admin(context, self._token)
+        await self._guard.check(context)
         try:
             served = self._models.get(request.model)
         except ServingError as exc:
@@ -101,7 +159,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
         return _route_message(route)
 
     async def SetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await require_admin(context, self._token)
+        await self._guard.check(context)
         try:
             served = self._models.get(request.model)
             try:
@@ -122,6 +180,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
         return _route_message(route)
 
     async def ModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._guard.check(context)
         slots = self._models.slots
         if request.model:
             slot = slots.get(request.model)

@@ -13,7 +13,7 @@ import grpc
 from server import __version__
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.api.admin import require_admin
+from server.api.admin import AdminGuard
 from server.api.codec import Limits, decode_request, encode_result
 from server.api.status import abort
 from server.api.wire import RawResponseEncoder, stream_reply
@@ -53,10 +53,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         max_tensor_elements: int,
         max_request_id_bytes: int = 256,
         is_ready: Callable[[], bool],
-        admin_token: str = "",
+        admin_guard: AdminGuard | None = None,
         tracing: Any = None,
     ) -> None:
-        self._admin_token = admin_token
+        # Who may call RepositoryModelLoad/Unload: the one guard the admin service uses too.
+        self._admin_guard = admin_guard if admin_guard is not None else AdminGuard("", "127.0.0.1")
         # server/observability/tracing.Tracing when tracing is on; None costs one check.
         self._tracing = tracing
         self._pipeline = pipeline
@@ -356,7 +357,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's load: re-resolve the model's ref in the registry and swap if it moved."""
-        await require_admin(context, self._admin_token)
+        await self._admin_guard.check(context)
         try:
             await self._pipeline.models.reload(request.model_name)
         except ServingError as exc:
@@ -364,7 +365,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await require_admin(context, self._admin_token)
+        await self._admin_guard.check(context)
         await context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"batchline serves the models it was configured with; '{request.model_name}' "

@@ -205,6 +205,8 @@ def test_secrets_are_references_to_settings_the_loader_reads(tmp_path: Path) -> 
         assert load_settings(path, env={name: sample}) != load_settings(path, env={}), (
             f"{name} is not read by server.config.load_settings"
         )
+    # Admin is closed without a token on 0.0.0.0: a pod without the Secret must not start.
+    assert not env["BATCHLINE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"].get("optional", False)
 
 
 def test_volumes_line_up_with_the_config_path_and_the_registry(tmp_path: Path) -> None:
