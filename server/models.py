@@ -472,6 +472,7 @@ class ModelManager:
                 if problem is not None:
                     new.batcher.close()
                     new.runtime.close()
+                    self._forget_metrics(new)
                     raise FailedPrecondition(
                         f"{name} version {mv.version} is not compatible with version "
                         f"{old.key.version} being served: {problem}"
@@ -522,10 +523,23 @@ class ModelManager:
             return ReloadOutcome(name, new.key.version, old.key.version, True, "swapped")
 
     async def _retire(self, old: ServedModel) -> None:
+        """The one place a version is released: once its queue drains, its batcher, executor
+        and metric series (gauge callbacks hold the batcher) go; what is left is garbage."""
         await old.batcher.drain()
         old.batcher.close()
         await asyncio.get_running_loop().run_in_executor(None, old.runtime.close)
+        self._forget_metrics(old)
         log.info("retired %s version %s", old.key.name, old.key.version)
+
+    def _forget_metrics(self, old: ServedModel) -> None:
+        # The same version may be served again already (reload 1 -> 2 -> 1 before this one
+        # drained): its series are the new object's then, and stay.
+        if any(s.key == old.key for s in self.all()) or any(
+            slot.previous is not None and slot.previous.key == old.key
+            for slot in self.slots.values()
+        ):
+            return
+        self._metrics.forget_version(old.key.name, old.key.version)
 
     async def watch(self, interval_s: float) -> None:
         """Poll every served alias; reload what moved. Registry trouble backs off, never stops."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -65,7 +66,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._max_elements = max_tensor_elements
         self._max_id_bytes = max_request_id_bytes
         self._is_ready = is_ready
-        self._limits: dict[ServedModel, Limits] = {}
+        # Per served version; weak keys, so a retired version's plans die with it.
+        self._limits: weakref.WeakKeyDictionary[ServedModel, Limits] = weakref.WeakKeyDictionary()
         self._wire = RawResponseEncoder()
         # When the last inference call arrived (the drain waits for a quiet moment).
         self.last_call = clock.now()

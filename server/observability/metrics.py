@@ -21,6 +21,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from server.observability.stats import ModelStats
@@ -67,6 +68,11 @@ class LoopHistogram(Collector):
         self._children: dict[tuple[str, ...], _HistogramChild] = {}
         registry.register(self)
 
+    def forget(self, *prefix: str) -> None:
+        """Drop every series whose first label values are `prefix` (a retired version)."""
+        for values in [v for v in self._children if v[: len(prefix)] == prefix]:
+            del self._children[values]
+
     def labels(self, *values: str) -> _HistogramChild:
         child = self._children.get(values)
         if child is None:
@@ -110,6 +116,11 @@ class LoopCounter(Collector):
         self._labelnames = list(labelnames)
         self._children: dict[tuple[str, ...], _CounterChild] = {}
         registry.register(self)
+
+    def forget(self, *prefix: str) -> None:
+        """Drop every series whose first label values are `prefix` (a retired version)."""
+        for values in [v for v in self._children if v[: len(prefix)] == prefix]:
+            del self._children[values]
 
     def labels(self, *values: str) -> _CounterChild:
         child = self._children.get(values)
@@ -247,6 +258,22 @@ class Metrics:
             t.failure_rate,
             t.slow_call_rate,
         )
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Remove every series of one model version (retired, or refused at load): its gauges'
+        callbacks (which hold the version's batcher) go with them, and queries over
+        `batchline_model_info` see only what is served."""
+        for metric in vars(self).values():
+            if isinstance(metric, LoopHistogram | LoopCounter):
+                metric.forget(model, version)
+            elif isinstance(metric, MetricWrapperBase) and tuple(metric._labelnames[:2]) == (
+                "model",
+                "version",
+            ):
+                with metric._lock:
+                    keys = [k for k in metric._metrics if k[:2] == (model, version)]
+                for key in keys:
+                    metric.remove(*key)
 
     def for_model(
         self, model: str, version: str, stats: ModelStats, queue_rows: Callable[[], float]

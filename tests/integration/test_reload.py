@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import shutil
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from registry_client import FileRegistry, Signature, TensorInfo
 from server._proto import admin_pb2 as admin
@@ -299,3 +303,35 @@ async def test_triton_load_model_reloads_through_the_repository_api(
         assert {"name": "churn", "version": "2", "state": "READY"} in index["models"]
     finally:
         await client.close()
+
+
+async def test_retired_versions_are_released_and_their_metric_series_removed(
+    start_app: Callable[..., Awaitable[App]], registry: Path
+) -> None:
+    """Alternating reloads under traffic: every retired ServedModel is garbage once its queue
+    drained (weak references die), and /metrics keeps series of the served version only."""
+    app = await start_app(models=("churn@1",), registry=registry)
+    retired: list[weakref.ref[Any]] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for ref in ["churn@2", "churn@1"] * 4:
+            retired.append(weakref.ref(app.models.get("churn")))
+            await app.models.reload("churn", ref)
+            replies = await asyncio.gather(
+                *(stub.ModelInfer(_request(), timeout=10) for _ in range(20))
+            )
+            assert {r.model_version for r in replies} == {ref.split("@")[1]}
+    await app.models.drain()  # the retirements have run
+    gc.collect()
+    alive = [r() for r in retired if r() is not None]
+    assert alive == [], f"{len(alive)} retired versions still referenced"
+    served = app.models.get("churn")
+    assert served.key.version == "1"
+    text = generate_latest(app.metrics.registry).decode()
+    info = [line for line in text.splitlines() if line.startswith("batchline_model_info{")]
+    assert len(info) == 1, info
+    assert 'version="1"' in info[0]
+    queue = [line for line in text.splitlines() if line.startswith("batchline_queue_rows{")]
+    assert len(queue) == 1, queue
+    assert 'version="1"' in queue[0]
+    assert 'batchline_requests_total{model="churn",status="OK",version="2"}' not in text
