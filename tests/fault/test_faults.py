@@ -257,7 +257,7 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
     demo_registry: Path, servers: Servers
 ) -> None:
     """64-row churn_mlp calls (a batch takes ~5 ms, so a queue of them takes far longer) with
-    deadlines of 2-10 ms end DEADLINE_EXCEEDED, or OK when they get through in time; 1-row calls
+    deadlines of 2-60 ms end DEADLINE_EXCEEDED, or OK when they get through in time; 1-row calls
     with a normal deadline stay OK throughout; afterwards queue rows and in-flight are 0."""
     server = servers.start(demo_registry, "", "churn_mlp@production")
     x = np.random.default_rng(0).random((64, 15), dtype=np.float32)
@@ -273,7 +273,11 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
             tally,
             lambda i: (big, "slow"),
             workers=16,
-            timeout=lambda: rng.uniform(0.002, 0.01),
+            # Most deadlines (2-10 ms) die anywhere, often in gRPC's core before Python sees
+            # the call on a busy machine; a third (20-60 ms) reach the queue and expire there.
+            timeout=lambda: (
+                rng.uniform(0.002, 0.01) if rng.random() < 0.67 else rng.uniform(0.02, 0.06)
+            ),
         )
         normal = Load(stub, tally, lambda i: (small, "normal"), workers=4, timeout=2.0)
         async with slow, normal:
