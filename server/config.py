@@ -24,6 +24,7 @@ that names the key, e.g. `models.churn.max_batch_size: expected an integer >= 1,
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -157,6 +158,15 @@ class ServerSettings:
     shadow_log_max_pairs: int = 10000
     # Seconds between promotion-gate checks (models with gate_action other than "off").
     gate_interval_s: float = 10.0
+    # The name under which this deployment's control state (routes, pinned refs) lives in the
+    # registry beside the aliases; every worker and replica of one deployment shares it, two
+    # deployments on one registry (staging, production) must not.
+    deployment: str = "default"
+    # Set by `--workers N`'s parent for each worker (not configuration): this worker's index,
+    # how many there are, and the folder they coordinate through (server/control.LocalBus).
+    worker_index: int = 0
+    worker_count: int = 1
+    worker_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,7 @@ _ENV = {
     "BATCHLINE_ADMIN_TOKEN": "admin_token",
     "BATCHLINE_ADMIN_TOKEN_FILE": "admin_token_file",
     "BATCHLINE_FEATURE_STORE": "feature_store",
+    "BATCHLINE_DEPLOYMENT": "deployment",
 }
 
 
@@ -309,6 +320,11 @@ def _check_server(s: ServerSettings) -> None:
     if s.workers > 1 and s.grpc_port == 0:
         raise ConfigError(
             "server.workers: several workers share one port; set server.grpc_port (not 0)"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", s.deployment):
+        raise ConfigError(
+            f"server.deployment: expected a name of letters, digits, '_', '.', '-' (up to 63), "
+            f"got {s.deployment!r}"
         )
     if s.grace_period_s < 0:
         raise ConfigError(f"server.grace_period_s: expected >= 0, got {s.grace_period_s}")

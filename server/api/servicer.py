@@ -14,11 +14,11 @@ import grpc
 from server import __version__
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.api.admin import AdminGuard
 from server.api.codec import Limits, decode_request, encode_result
 from server.api.status import abort
 from server.api.wire import RawResponseEncoder, stream_reply
 from server.clock import Clock
+from server.control import ControlPlane
 from server.errors import InvalidArgument, ServingError
 from server.models import ServedModel
 from server.pipeline import InferencePipeline
@@ -54,11 +54,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         max_tensor_elements: int,
         max_request_id_bytes: int = 256,
         is_ready: Callable[[], bool],
-        admin_guard: AdminGuard | None = None,
+        control: ControlPlane | None = None,
         tracing: Any = None,
     ) -> None:
-        # Who may call RepositoryModelLoad/Unload: the one guard the admin service uses too.
-        self._admin_guard = admin_guard if admin_guard is not None else AdminGuard("", "127.0.0.1")
+        # Where RepositoryModelLoad goes (every worker and replica follows it); None: this
+        # process's models alone.
+        self._control = control
         # server/observability/tracing.Tracing when tracing is on; None costs one check.
         self._tracing = tracing
         self._pipeline = pipeline
@@ -359,15 +360,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's load: re-resolve the model's ref in the registry and swap if it moved."""
-        await self._admin_guard.check(context)
         try:
-            await self._pipeline.models.reload(request.model_name)
+            if self._control is not None:
+                await self._control.reload(request.model_name)
+            else:
+                await self._pipeline.models.reload(request.model_name)
         except ServingError as exc:
             await abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._admin_guard.check(context)
         await context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"batchline serves the models it was configured with; '{request.model_name}' "
