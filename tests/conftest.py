@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,11 +39,11 @@ def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def control_deployment(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def control_deployment(monkeypatch: pytest.MonkeyPatch) -> str:
     """A deployment name of this test's own: control state (routes, pinned refs) lives in the
     registry per deployment, and the demo registry is shared by the session, so a route one
     test sets must not reach the next test's servers (in process or spawned: the environment
     carries it)."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("BATCHLINE_DEPLOYMENT", name)
-    yield name
+    return name

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
 from registry_client import FileRegistry
 from registry_client.control import FileControlStore
@@ -86,11 +87,8 @@ async def test_a_refused_route_is_not_written(
     store = FileControlStore(FileRegistry(registry), control_deployment)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
         stub = admin_grpc.AdminServiceStub(channel)
-        try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.SetRoute(admin.RouteSpec(model="churn", canary="9"), timeout=60)
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "9" in (exc.details() or "")
-        else:
-            raise AssertionError("a route to a missing version was accepted")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "9" in (refused.value.details() or "")
     assert store.read("churn").generation == 0

@@ -59,7 +59,7 @@ def test_an_update_keeps_the_fields_it_does_not_name_and_deployments_are_apart(
 def test_a_corrupt_control_file_is_an_error_naming_it(tmp_path: Path) -> None:
     registry = _registry(tmp_path)
     (registry.root / "churn" / "control.json").write_text("{not json")
-    with pytest.raises(RegistryError, match="control.json"):
+    with pytest.raises(RegistryError, match=r"control\.json"):
         FileControlStore(registry, "prod").read("churn")
 
 
