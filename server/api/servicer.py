@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import ParseDict  # type: ignore[import-untyped]
 
-from server import __version__
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
+from server.api import describe
 from server.api.codec import Limits, decode_request, encode_result
 from server.api.status import abort
 from server.api.wire import RawResponseEncoder, stream_reply
@@ -24,23 +25,6 @@ from server.models import ServedModel
 from server.pipeline import InferencePipeline
 
 log = logging.getLogger(__name__)
-
-EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
-_CONFIG_TYPES = {
-    "BOOL": pb.TYPE_BOOL,
-    "UINT8": pb.TYPE_UINT8,
-    "UINT16": pb.TYPE_UINT16,
-    "UINT32": pb.TYPE_UINT32,
-    "UINT64": pb.TYPE_UINT64,
-    "INT8": pb.TYPE_INT8,
-    "INT16": pb.TYPE_INT16,
-    "INT32": pb.TYPE_INT32,
-    "INT64": pb.TYPE_INT64,
-    "FP16": pb.TYPE_FP16,
-    "FP32": pb.TYPE_FP32,
-    "FP64": pb.TYPE_FP64,
-    "BYTES": pb.TYPE_STRING,
-}
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -229,9 +213,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.ModelReadyResponse(ready=self._is_ready())
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(
-            name="batchline", version=__version__, extensions=list(EXTENSIONS)
-        )
+        return ParseDict(describe.server_metadata(), pb.ServerMetadataResponse())
 
     async def _served(
         self, name: str, version: str, context: grpc.aio.ServicerContext
@@ -246,117 +228,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         served = await self._served(request.name, request.version, context)
-        sig = served.signature
         versions = [
             m.key.version for m in self._pipeline.models.all() if m.key.name == served.key.name
         ]
-        return pb.ModelMetadataResponse(
-            name=served.key.name,
-            versions=versions,
-            platform="onnxruntime_onnx",
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=t.name, datatype=t.datatype, shape=t.shape
-                )
-                for t in sig.inputs
-            ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=t.name, datatype=t.datatype, shape=t.shape
-                )
-                for t in sig.outputs
-            ],
-        )
+        return ParseDict(describe.model_metadata(served, versions), pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         served = await self._served(request.name, request.version, context)
-        s = served.settings
-        sig = served.signature
-        mv = served.version_info
-        config = pb.ModelConfig(
-            name=served.key.name,
-            platform="onnxruntime_onnx",
-            backend="onnxruntime",
-            max_batch_size=s.max_batch_size,
-            # With max_batch_size > 0, Triton's dims leave out the batch dimension.
-            input=[
-                pb.ModelInput(
-                    name=t.name,
-                    data_type=_CONFIG_TYPES.get(t.datatype, pb.TYPE_INVALID),
-                    dims=t.shape[1:],
-                )
-                for t in sig.inputs
-            ],
-            output=[
-                pb.ModelOutput(
-                    name=t.name,
-                    data_type=_CONFIG_TYPES.get(t.datatype, pb.TYPE_INVALID),
-                    dims=t.shape[1:],
-                )
-                for t in sig.outputs
-            ],
-            instance_group=[
-                pb.ModelInstanceGroup(
-                    name=f"{served.key.name}_cpu",
-                    count=1 if served.inline else s.instances,
-                    kind=pb.ModelInstanceGroup.KIND_CPU,
-                )
-            ],
-        )
-        if s.dynamic_batching:
-            config.dynamic_batching.CopyFrom(
-                pb.ModelDynamicBatching(
-                    preferred_batch_size=s.preferred_batch_sizes,
-                    max_queue_delay_microseconds=s.max_queue_delay_us,
-                    default_queue_policy=pb.ModelQueuePolicy(max_queue_size=s.max_queue_size),
-                )
-            )
-        params = {
-            "version": served.key.version,
-            "alias": served.alias or "",
-            "sha256": mv.sha256,
-            "created": mv.created,
-            "source": mv.source,
-            "execution": "inline" if served.inline else "executor",
-            **{f"metric.{k}": f"{v:.6g}" for k, v in mv.metrics.items()},
-        }
-        for key, value in params.items():
-            config.parameters[key].string_value = str(value)
-        return pb.ModelConfigResponse(config=config)
+        return ParseDict({"config": describe.model_config(served)}, pb.ModelConfigResponse())
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if request.name:
             chosen = [await self._served(request.name, request.version, context)]
         else:
             chosen = self._pipeline.models.all()
-        response = pb.ModelStatisticsResponse()
-        for served in chosen:
-            st = served.stats
-            entry = response.model_stats.add(
-                name=served.key.name,
-                version=served.key.version,
-                last_inference=st.last_inference_ms,
-                inference_count=st.inference_count,
-                execution_count=st.execution_count,
-            )
-            inf = entry.inference_stats
-            for field, value in (
-                ("success", st.success),
-                ("fail", st.fail),
-                ("queue", st.queue),
-                ("compute_infer", st.compute_infer),
-            ):
-                getattr(inf, field).count = value.count
-                getattr(inf, field).ns = value.ns
-            # perf_analyzer requires the three compute counts to agree; batchline times the
-            # model call as a whole (compute_infer), so input and output carry the count only.
-            inf.compute_input.count = inf.compute_output.count = st.compute_infer.count
-            for size in sorted(st.batch_stats):
-                per = st.batch_stats[size].compute_infer
-                b = entry.batch_stats.add(batch_size=size)
-                b.compute_infer.count = per.count
-                b.compute_infer.ns = per.ns
-        return response
+        return ParseDict(describe.model_statistics(chosen), pb.ModelStatisticsResponse())
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's load: re-resolve the model's ref in the registry and swap if it moved."""
@@ -371,17 +257,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"batchline serves the models it was configured with; '{request.model_name}' "
-            "cannot be unloaded at run time (move its alias and reload instead)",
+            grpc.StatusCode.FAILED_PRECONDITION, describe.unload_refused(request.model_name)
         )
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.RepositoryIndexResponse(
-            models=[
-                pb.RepositoryIndexResponse.ModelIndex(
-                    name=m.key.name, version=m.key.version, state="READY"
-                )
-                for m in self._pipeline.models.all()
-            ]
+        return ParseDict(
+            {"models": describe.repository_index(self._pipeline.models.all())},
+            pb.RepositoryIndexResponse(),
         )
