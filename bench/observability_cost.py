@@ -69,7 +69,7 @@ ATTRIBUTES: dict[str, Any] = {
 class NullObserver:
     """Neither metrics nor statistics."""
 
-    def request_done(self, seconds: float, status: str) -> None:
+    def request_done(self, seconds: float, status: str, protocol: str = "grpc") -> None:
         pass
 
     def batch_done(
@@ -90,7 +90,7 @@ class StatsOnlyObserver(NullObserver):
     def __init__(self, stats: Any) -> None:
         self.stats = stats
 
-    def request_done(self, seconds: float, status: str) -> None:
+    def request_done(self, seconds: float, status: str, protocol: str = "grpc") -> None:
         self.stats.request_done(seconds, status == "OK")
 
     def batch_done(
@@ -201,6 +201,7 @@ async def request_path(
         server_overrides={
             "registry": str(registry),
             "grpc_port": 0,
+            "http_port": -1,
             "metrics_port": -1,
             "host": "127.0.0.1",
         },

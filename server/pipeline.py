@@ -107,7 +107,7 @@ class InferencePipeline:
                     served = self.models.get(served.key.name, version)
         cap = served.settings.max_in_flight
         if cap and served.in_flight >= cap:
-            served.observer.request_done(0.0, "RESOURCE_EXHAUSTED")
+            served.observer.request_done(0.0, "RESOURCE_EXHAUSTED", request.protocol)
             served.observer.dropped("in_flight_cap", 1)
             raise ResourceExhausted(
                 f"model {served.key.name} has {served.in_flight} requests in flight "
@@ -169,7 +169,7 @@ class InferencePipeline:
             status = "INTERNAL"
             raise
         finally:
-            served.observer.request_done(self._clock.now() - start, status)
+            served.observer.request_done(self._clock.now() - start, status, request.protocol)
             served.in_flight -= 1
             self._in_flight -= 1
             if self._in_flight == 0:

@@ -90,6 +90,8 @@ class InferRequest:
     parameters: dict[str, object] = field(default_factory=dict)
     # The request's trace when it is sampled (server/observability/tracing.RequestTrace).
     trace: Any = None
+    # The binding it came in on ("grpc" or "http"), a label of the request metrics.
+    protocol: str = "grpc"
 
 
 @dataclass(slots=True)

@@ -150,14 +150,15 @@ class Metrics:
         r = self.registry
         self.requests = LoopCounter(
             "batchline_requests",
-            "Inference requests by model, version and outcome (a gRPC status name)",
-            ["model", "version", "status"],
+            "Inference requests by model, version, outcome (a gRPC status name) and protocol "
+            "(grpc or http)",
+            ["model", "version", "status", "protocol"],
             registry=r,
         )
         self.request_latency = LoopHistogram(
             "batchline_request_duration_seconds",
-            "Time from a validated request to its result, in the server",
-            ["model", "version"],
+            "Time from a validated request to its result, in the server, by protocol",
+            ["model", "version", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -291,6 +292,8 @@ class ModelObserver:
         "_batch_size",
         "_compute",
         "_dropped",
+        "_http_latency",
+        "_http_ok",
         "_latency",
         "_metrics",
         "_model",
@@ -306,9 +309,11 @@ class ModelObserver:
         self._model = model
         self._version = version
         self.stats = stats
-        self._ok = metrics.requests.labels(model, version, "OK")
-        self._status: dict[str, _CounterChild] = {}
-        self._latency = metrics.request_latency.labels(model, version)
+        self._ok = metrics.requests.labels(model, version, "OK", "grpc")
+        self._status: dict[tuple[str, str], _CounterChild] = {}
+        self._latency = metrics.request_latency.labels(model, version, "grpc")
+        self._http_ok = metrics.requests.labels(model, version, "OK", "http")
+        self._http_latency = metrics.request_latency.labels(model, version, "http")
         self._queue = metrics.queue_latency.labels(model, version)
         self._compute = metrics.compute_latency.labels(model, version)
         self._batch_size = metrics.batch_size.labels(model, version)
@@ -316,17 +321,21 @@ class ModelObserver:
         self._batch_fail = metrics.batches.labels(model, version, "error")
         self._dropped: dict[str, _CounterChild] = {}
 
-    def request_done(self, seconds: float, status: str) -> None:
+    def request_done(self, seconds: float, status: str, protocol: str = "grpc") -> None:
         ok = status == "OK"
         self.stats.request_done(seconds, ok)
         if ok:
-            self._ok.inc()
-            self._latency.observe(seconds)
+            if protocol == "grpc":
+                self._ok.inc()
+                self._latency.observe(seconds)
+            else:
+                self._http_ok.inc()
+                self._http_latency.observe(seconds)
             return
-        counter = self._status.get(status)
+        counter = self._status.get((status, protocol))
         if counter is None:
-            counter = self._status[status] = self._metrics.requests.labels(
-                self._model, self._version, status
+            counter = self._status[status, protocol] = self._metrics.requests.labels(
+                self._model, self._version, status, protocol
             )
         counter.inc()
 

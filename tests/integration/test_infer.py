@@ -442,8 +442,13 @@ async def test_metrics_endpoint_counts_requests_by_status_and_batch_sizes_after_
         for (name, labels), value in samples.items()
         if name == "batchline_requests_total"
     }
-    ok = (("model", MLP), ("status", "OK"), ("version", "1"))
-    invalid = (("model", MLP), ("status", "INVALID_ARGUMENT"), ("version", "1"))
+    ok = (("model", MLP), ("protocol", "grpc"), ("status", "OK"), ("version", "1"))
+    invalid = (
+        ("model", MLP),
+        ("protocol", "grpc"),
+        ("status", "INVALID_ARGUMENT"),
+        ("version", "1"),
+    )
     assert requests[ok] == 5
     assert requests[invalid] == 1
     assert samples[("batchline_batch_size_rows_sum", (("model", MLP), ("version", "1")))] == 10

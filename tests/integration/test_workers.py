@@ -56,11 +56,13 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(
     demo_registry: Path, tmp_path: Path
 ) -> None:
     (grpc_port,) = _free_ports(1)
+    (http_port,) = _free_ports(1)
     metrics_port, *worker_ports = _free_ports(3)
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--registry", str(demo_registry),
          "--model", "churn@production", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+         "--http-port", str(http_port),
          "--metrics-port", str(metrics_port), "--workers", "2", "--ready-file", str(ready)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -81,7 +83,7 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(
                 for _ in range(10):
                     stub.ModelInfer(request, timeout=10)
                     sent += 1
-        ok = (("model", "churn"), ("status", "OK"), ("version", "1"))
+        ok = (("model", "churn"), ("protocol", "grpc"), ("status", "OK"), ("version", "1"))
         merged = _samples(metrics_port)
         per_worker = [_samples(p).get(("batchline_requests_total", ok), 0.0) for p in worker_ports]
         assert merged[("batchline_requests_total", ok)] == sent == sum(per_worker)
@@ -90,7 +92,10 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(
         assert [merged[k] for k in info] == [1.0]  # state, not a sum
         assert (
             merged[
-                ("batchline_request_duration_seconds_count", (("model", "churn"), ("version", "1")))
+                (
+                    "batchline_request_duration_seconds_count",
+                    (("model", "churn"), ("protocol", "grpc"), ("version", "1")),
+                )
             ]
             == sent
         )
@@ -103,11 +108,13 @@ def _start_workers(
     registry: Path, tmp_path: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], int, list[int]]:
     (grpc_port,) = _free_ports(1)
+    (http_port,) = _free_ports(1)
     metrics_port, *worker_ports = _free_ports(3)
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
          "--model", "churn@production", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+         "--http-port", str(http_port),
          "--metrics-port", str(metrics_port), "--workers", "2", "--ready-file", str(ready),
          *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
@@ -166,7 +173,7 @@ def test_set_route_and_reload_reach_every_worker_before_the_answer(
             assert (reply.version, reply.changed) == ("2", True)
         assert set(_fresh_answers(grpc_port, 16)) == {("", "2", "2")}
 
-        ok_v2 = (("model", "churn"), ("status", "OK"), ("version", "2"))
+        ok_v2 = (("model", "churn"), ("protocol", "grpc"), ("status", "OK"), ("version", "2"))
         per_worker = [
             _samples(p).get(("batchline_requests_total", ok_v2), 0.0) for p in worker_ports
         ]
