@@ -102,7 +102,7 @@ def start_server(
     log = RESULTS / f".{tag}.log"
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
         "--log-level", "warning", "--ready-file", str(ready),
     ]  # fmt: skip
     for name in (model,) if isinstance(model, str) else model:

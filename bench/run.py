@@ -87,7 +87,8 @@ def start_batchline(
 ) -> Proc:
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--log-level", "warning",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+        "--log-level", "warning",
         *(a for m in models for a in ("--model", f"{m}@production")), *extra,
     ]  # fmt: skip
     if not batching:

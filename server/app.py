@@ -15,11 +15,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from registry_client import Registry, RegistryError, open_registry
 from registry_client.control import open_control_store
 from server.api.admin import AdminGuard, AdminServicer, resolve_admin_token
+from server.api.http import RestApp, RestServer
 from server.api.server import Health, TlsFiles, build_server
 from server.api.servicer import InferenceServicer
 from server.breaker import CircuitBreaker
@@ -31,6 +30,7 @@ from server.errors import ConfigError
 from server.features.sqlite_store import SqliteFeatureStore
 from server.features.store import FeatureLookup, FeatureStore
 from server.models import ModelManager
+from server.observability.endpoint import start_metrics_server
 from server.observability.metrics import (
     DriftProducerCollector,
     FeatureMetrics,
@@ -151,7 +151,9 @@ class App:
         self.metrics.registry.register(MirrorCollector(self.models.slots))
         self.health = Health()
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
+        self._rest: RestServer | None = None
         self._ready = False
         self._server: Any = None
         self._http: Any = None
@@ -215,11 +217,13 @@ class App:
         if self.drift is not None:
             await self.drift.start()
         await self._server.start()
+        if server_settings.http_port >= 0:
+            await self._start_rest(admin_guard)
         if server_settings.metrics_port >= 0:
-            self._http, _thread = start_http_server(
+            self._http, _thread = start_metrics_server(
                 server_settings.metrics_port,
-                addr=server_settings.metrics_host or server_settings.host,
-                registry=self.metrics.registry,
+                server_settings.metrics_host or server_settings.host,
+                self.metrics.registry,
             )
             self.metrics_port = self._http.server_port
         await self.models.start_mirrors()
@@ -244,10 +248,11 @@ class App:
         self._ready = True
         await self.health.set_serving(True)
         log.info(
-            "serving %s on %s:%d (gRPC), metrics on port %d",
+            "serving %s on %s:%d (gRPC), HTTP port %d, metrics on port %d",
             ", ".join(f"{m.key.name}:{m.key.version}" for m in self.models.all()),
             server_settings.host,
             self.grpc_port,
+            self.http_port,
             self.metrics_port,
         )
         if server_settings.ready_file:
@@ -255,10 +260,38 @@ class App:
                 server_settings.ready_file,
                 {
                     "grpc_port": self.grpc_port,
+                    "http_port": self.http_port,
                     "metrics_port": self.metrics_port,
                     "pid": os.getpid(),
                 },
             )
+
+    async def _start_rest(self, guard: AdminGuard) -> None:
+        """The V2 REST binding on the same loop, through the same pipeline as gRPC."""
+        srv = self.settings.server
+        rest_app = RestApp(
+            self.pipeline,
+            self.clock,
+            max_tensor_elements=srv.max_tensor_elements,
+            max_request_id_bytes=srv.max_request_id_bytes,
+            max_body_bytes=srv.max_message_bytes,
+            is_ready=lambda: self._ready,
+            guard=guard,
+            control=self.control,
+            tracing=self.tracing if self.tracing.enabled else None,
+        )
+        self._rest = RestServer(
+            rest_app,
+            host=srv.http_host or srv.host,
+            port=srv.http_port,
+            reuse_port=srv.workers > 1,
+            tls_cert=srv.tls_cert,
+            tls_key=srv.tls_key,
+            tls_ca=srv.tls_ca,
+            request_timeout_s=srv.http_request_timeout_s,
+            keep_alive_s=srv.http_keep_alive_s,
+        )
+        self.http_port = await self._rest.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; safe to call more than once."""
@@ -296,6 +329,8 @@ class App:
             await asyncio.sleep(QUIET_S / 5)
         if self._server is not None:
             await self._server.stop(grace=0.5)
+        if self._rest is not None:
+            await self._rest.stop(max(0.5, until - loop.time()))
         await self.models.stop_mirrors()
         await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         if self.drift is not None:

@@ -82,16 +82,15 @@ def _serve_workers(settings: Settings) -> int:
         proc.start()
     server = settings.server
     if server.metrics_port > 0:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
         from server.observability.aggregate import WorkerMetrics
+        from server.observability.endpoint import start_metrics_server
 
         registry = CollectorRegistry()
         ports = [server.metrics_port + 1 + i for i in range(server.workers)]
         registry.register(WorkerMetrics(ports))
-        start_http_server(
-            server.metrics_port, addr=server.metrics_host or server.host, registry=registry
-        )
+        start_metrics_server(server.metrics_port, server.metrics_host or server.host, registry)
 
     def forward(signum: int, _frame: object) -> None:
         for proc in procs:
@@ -113,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "registry": args.registry,
             "host": args.host,
             "grpc_port": args.grpc_port,
+            "http_port": args.http_port,
             "metrics_port": args.metrics_port,
             "workers": args.workers,
             "ready_file": args.ready_file,
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
+    serve.add_argument(
+        "--http-port", type=int, help="V2 REST port (default 8000); 0: any free port; -1: off"
+    )
     serve.add_argument("--metrics-port", type=int, help="0: any free port; -1: none")
     serve.add_argument("--workers", type=int, help="processes sharing the gRPC port (SO_REUSEPORT)")
     serve.add_argument("--ready-file", help="write the bound ports here as JSON once serving")

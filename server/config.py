@@ -6,6 +6,7 @@ that names the key, e.g. `models.churn.max_batch_size: expected an integer >= 1,
     [server]
     host = "0.0.0.0"
     grpc_port = 8001
+    http_port = 8000             # the V2 REST binding; 0: any free port; -1: off
     metrics_port = 8002          # 0: any free port; -1: no metrics endpoint
     registry = "demo-registry"   # a file registry folder
     workers = 1
@@ -98,6 +99,16 @@ class ModelSettings:
 class ServerSettings:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    # The Open Inference Protocol's HTTP/REST binding (Triton's port 8000), same process and
+    # event loop as gRPC, same TLS files; 0: any free port; -1: off.
+    http_port: int = 8000
+    # Where it listens; empty: `host`.
+    http_host: str = ""
+    # A request must arrive whole (headers and body) within this many seconds of its first
+    # byte, else 408 and the connection closes; idle keep-alive connections close after
+    # http_keep_alive_s.
+    http_request_timeout_s: float = 60.0
+    http_keep_alive_s: float = 75.0
     metrics_port: int = 8002
     # Where the metrics endpoint listens; empty: `host`. (--workers binds theirs to loopback.)
     metrics_host: str = ""
@@ -186,6 +197,7 @@ _TRACING_KEYS = {f.name: f for f in fields(TracingSettings)}
 _ENV = {
     "BATCHLINE_HOST": "host",
     "BATCHLINE_GRPC_PORT": "grpc_port",
+    "BATCHLINE_HTTP_PORT": "http_port",
     "BATCHLINE_METRICS_PORT": "metrics_port",
     "BATCHLINE_REGISTRY": "registry",
     "BATCHLINE_WORKERS": "workers",
@@ -310,9 +322,9 @@ def _check_model(key: str, m: ModelSettings) -> None:
 
 
 def _check_server(s: ServerSettings) -> None:
-    for name in ("grpc_port", "metrics_port"):
+    for name in ("grpc_port", "http_port", "metrics_port"):
         value = getattr(s, name)
-        low = -1 if name == "metrics_port" else 0
+        low = -1 if name in ("http_port", "metrics_port") else 0
         if not low <= value <= 65535:
             raise ConfigError(f"server.{name}: expected a port {low}..65535, got {value}")
     if s.workers < 1:
@@ -321,6 +333,18 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(
             "server.workers: several workers share one port; set server.grpc_port (not 0)"
         )
+    if s.workers > 1 and s.http_port == 0:
+        raise ConfigError(
+            "server.workers: several workers share one port; set server.http_port (not 0; "
+            "-1 turns HTTP off)"
+        )
+    if s.http_port > 0 and s.http_port in (s.grpc_port, s.metrics_port):
+        raise ConfigError(
+            f"server.http_port: {s.http_port} is also the gRPC or metrics port; pick another"
+        )
+    for name in ("http_request_timeout_s", "http_keep_alive_s"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"server.{name}: expected > 0, got {getattr(s, name)}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", s.deployment):
         raise ConfigError(
             f"server.deployment: expected a name of letters, digits, '_', '.', '-' (up to 63), "

@@ -77,6 +77,7 @@ async def _demo(registry: Path, requests: int, concurrency: int) -> None:
         server_overrides={
             "registry": str(registry),
             "grpc_port": 0,
+            "http_port": 0,
             "metrics_port": 0,
             "host": "127.0.0.1",
             "feature_store": store_url,
@@ -87,7 +88,8 @@ async def _demo(registry: Path, requests: int, concurrency: int) -> None:
     await app.start()
     try:
         print(
-            f"\nserving on 127.0.0.1:{app.grpc_port} (gRPC), metrics on :{app.metrics_port}/metrics\n"
+            f"\nserving on 127.0.0.1:{app.grpc_port} (gRPC), http://127.0.0.1:{app.http_port}/v2 "
+            f"(REST), metrics on :{app.metrics_port}/metrics\n"
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -39,6 +39,11 @@ class ResourceExhausted(ServingError):
     kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
+class TooLarge(ResourceExhausted):
+    """A request over a size limit (max_tensor_elements): RESOURCE_EXHAUSTED on gRPC, 413 on
+    HTTP, where 429 would tell the client to retry it as it is."""
+
+
 class DeadlineExceeded(ServingError):
     kind = ErrorKind.DEADLINE_EXCEEDED
 

@@ -46,4 +46,7 @@ def control_deployment(monkeypatch: pytest.MonkeyPatch) -> str:
     carries it)."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("BATCHLINE_DEPLOYMENT", name)
+    # Servers a test spawns take a free HTTP port, never the default 8000 (tests run side by
+    # side; a test that needs a fixed HTTP port passes --http-port itself).
+    monkeypatch.setenv("BATCHLINE_HTTP_PORT", "0")
     return name

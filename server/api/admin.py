@@ -81,19 +81,26 @@ class AdminGuard:
                 )
         return False
 
+    def refusal(self, credential: str) -> tuple[bool, str]:
+        """Why a call that `allowed` refused is refused: (a token is configured, the message).
+        `credential` says where the token goes (gRPC metadata, an HTTP header)."""
+        if self._token:
+            return True, f"admin call needs {credential}"
+        return False, (
+            f"admin RPCs are closed: no admin token is set and the server listens on "
+            f"{self._host or 'every address'}; set BATCHLINE_ADMIN_TOKEN or [server] "
+            "admin_token_file (or admin_insecure = true to open them without one)"
+        )
+
     async def check(self, context: grpc.aio.ServicerContext) -> None:
         if self.allowed(context.invocation_metadata()):
             return
-        if self._token:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "admin call needs metadata authorization: Bearer <token>",
-            )
+        token_required, message = self.refusal("metadata authorization: Bearer <token>")
         await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"admin RPCs are closed: no admin token is set and the server listens on "
-            f"{self._host or 'every address'}; set BATCHLINE_ADMIN_TOKEN or [server] "
-            "admin_token_file (or admin_insecure = true to open them without one)",
+            grpc.StatusCode.UNAUTHENTICATED
+            if token_required
+            else grpc.StatusCode.PERMISSION_DENIED,
+            message,
         )
 
 

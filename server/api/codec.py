@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from server._proto import inference_pb2 as pb
-from server.errors import InvalidArgument, ResourceExhausted
+from server.errors import InvalidArgument, TooLarge
 from server.types import NUMPY_TO_V2, V2_TO_NUMPY, InferRequest, InferResult, ModelSignature
 
 # Which typed `contents` field carries each datatype (FP16 and BF16 have none: raw only).
@@ -113,7 +113,7 @@ def _check_shape(name: str, shape: Sequence[int], expected: tuple[int, ...], lim
             )
         count *= dim
     if count > limits.max_elements:
-        raise ResourceExhausted(
+        raise TooLarge(
             f"input '{name}' has {count} elements; the limit is {limits.max_elements} (max_tensor_elements)"
         )
     return count

@@ -47,6 +47,7 @@ async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
                 "registry": str(registry or demo_registry),
                 "host": "127.0.0.1",
                 "grpc_port": 0,
+                "http_port": 0,
                 "metrics_port": 0,
                 "grace_period_s": grace_period_s,
                 "poll_interval_s": 0.0,
@@ -108,7 +109,7 @@ def spawn_server(
     cmd = [
         sys.executable, "-m", "server.cli", "serve",
         "--registry", str(registry),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
         "--ready-file", str(ready),
         *extra,
     ]  # fmt: skip

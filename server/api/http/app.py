@@ -1,0 +1,443 @@
+"""The Open Inference Protocol's HTTP/REST binding as a raw ASGI app (no web framework).
+
+Every inference goes the way of the gRPC servicer: `pipeline.resolve` -> the codec's
+`decode_request` (the same validation, fed by `tensors.parse_request`) -> `pipeline.infer`, so
+REST and gRPC requests share batches, routes, features, breakers, mirroring and drift. Routes:
+
+    GET  /v2/health/live | /v2/health/ready | /v2
+    GET  /v2/models/{m}[/versions/{v}]            metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready | /config | /stats,   GET /v2/models/stats
+    POST /v2/models/{m}[/versions/{v}]/infer
+    POST /v2/repository/index,  POST /v2/repository/models/{m}/load | /unload   (admin)
+
+Errors answer {"error": "..."} with KServe's status mapping (`STATUS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from server.api import describe
+from server.api.admin import AdminGuard
+from server.api.codec import Limits, decode_request
+from server.api.http.tensors import JSON, OCTET_STREAM, encode_response, parse_request
+from server.api.status import details
+from server.clock import Clock
+from server.control import ControlPlane
+from server.errors import (
+    ErrorKind,
+    FailedPrecondition,
+    InvalidArgument,
+    ServingError,
+    TooLarge,
+)
+from server.models import ServedModel
+from server.pipeline import InferencePipeline
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# ErrorKind -> HTTP status, as KServe documents it (400 bad input, 404 unknown model, 429 shed,
+# 503 not ready or draining, 500 the model failed) plus what HTTP names exactly.
+STATUS: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.RESOURCE_EXHAUSTED: 429,
+    ErrorKind.DEADLINE_EXCEEDED: 504,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.CANCELLED: 499,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FAILED_PRECONDITION: 400,
+    ErrorKind.INTERNAL: 500,
+}
+
+
+class HttpError(Exception):
+    """A refusal that is HTTP's own (no such route, wrong method, body too large)."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+        self.allow: str = ""
+
+
+class ClientGone(Exception):
+    """The client went away (or was timed out) before its body arrived."""
+
+
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": details(message)})
+
+
+def _status(exc: ServingError) -> int:
+    if isinstance(exc, TooLarge):
+        return 413
+    return STATUS.get(exc.kind, 500)
+
+
+_CT_JSON = (b"content-type", JSON.encode())
+_CT_OCTET = (b"content-type", OCTET_STREAM.encode())
+_CLOSE = (b"connection", b"close")
+_EMPTY = b"{}"
+
+
+class RestApp:
+    """ASGI 3 app: `await app(scope, receive, send)` per HTTP request."""
+
+    def __init__(
+        self,
+        pipeline: InferencePipeline,
+        clock: Clock,
+        *,
+        max_tensor_elements: int,
+        max_request_id_bytes: int,
+        max_body_bytes: int,
+        is_ready: Callable[[], bool],
+        guard: AdminGuard,
+        control: ControlPlane | None = None,
+        tracing: Any = None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._clock = clock
+        self._max_elements = max_tensor_elements
+        self._max_id_bytes = max_request_id_bytes
+        self._max_body = max_body_bytes
+        self._is_ready = is_ready
+        self._guard = guard
+        self._control = control
+        self._tracing = tracing
+        self._limits: weakref.WeakKeyDictionary[ServedModel, Limits] = weakref.WeakKeyDictionary()
+        # When the last inference request arrived (the drain waits for a quiet moment).
+        self.last_call = clock.now()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off and no websocket route exists
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            status, body, extra = await self._route(scope, receive)
+        except ServingError as exc:
+            status, body = _status(exc), _error(exc.message)
+        except HttpError as exc:
+            status, body = exc.status, _error(exc.message)
+            if exc.close:
+                extra = [_CLOSE]
+            if exc.allow:
+                extra.append((b"allow", exc.allow.encode()))
+        except ClientGone:
+            return
+        except Exception as exc:  # a bug: answered, logged, never a traceback to the client
+            log.exception("REST request %s %s failed", scope["method"], scope["path"])
+            status, body = 500, _error(f"internal error: {type(exc).__name__}")
+        headers = [(b"content-length", b"%d" % len(body))]
+        if _CT_OCTET not in extra:
+            headers.append(_CT_JSON)
+        headers += extra
+        if not self._is_ready():
+            headers.append(_CLOSE)  # draining: let keep-alive clients reconnect elsewhere
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    # ---- routing ---------------------------------------------------------------------------
+
+    async def _route(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        method = scope["method"]
+        parts = scope["path"].split("/")
+        # parts[0] is "" (the path starts with "/"); a trailing "/" leaves a last "".
+        if parts and parts[-1] == "":
+            parts.pop()
+        if len(parts) < 2 or parts[1] != "v2":
+            raise HttpError(404, f"no route for {scope['path']} (the V2 API lives under /v2)")
+        n = len(parts)
+        if n >= 4 and parts[2] == "models":
+            if n == 4 and parts[3] == "stats":
+                self._method(method, "GET")
+                return 200, self._stats(None, ""), []
+            name, version, action = self._model_path(parts, scope["path"])
+            if action == "infer":
+                self._method(method, "POST")
+                return await self._infer(scope, receive, name, version)
+            self._method(method, "GET")
+            if action == "":
+                return 200, self._metadata(name, version), []
+            if action == "ready":
+                return self._model_ready(name, version)
+            if action == "config":
+                return 200, orjson.dumps(describe.model_config(self._served(name, version))), []
+            if action == "stats":
+                return 200, self._stats(name, version), []
+            raise HttpError(404, f"no route for {scope['path']}")
+        if n == 2:
+            self._method(method, "GET")
+            return 200, orjson.dumps(describe.server_metadata()), []
+        if n == 4 and parts[2] == "health" and parts[3] in ("live", "ready"):
+            self._method(method, "GET")
+            if parts[3] == "live":
+                return 200, b'{"live":true}', []
+            if self._is_ready():
+                return 200, b'{"ready":true}', []
+            return 503, b'{"ready":false}', []
+        if n >= 4 and parts[2] == "repository":
+            return await self._repository(scope, receive, parts)
+        raise HttpError(404, f"no route for {scope['path']}")
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method == allowed or (method == "HEAD" and allowed == "GET"):
+            return
+        exc = HttpError(405, f"method {method} is not allowed here; use {allowed}")
+        exc.allow = allowed
+        raise exc
+
+    @staticmethod
+    def _model_path(parts: list[str], path: str) -> tuple[str, str, str]:
+        """/v2/models/{m}[/versions/{v}][/{action}] -> (m, v, action)."""
+        name = parts[3]
+        rest = parts[4:]
+        version = ""
+        if rest and rest[0] == "versions":
+            if len(rest) < 2 or not rest[1]:
+                raise HttpError(404, f"no route for {path} (expected /versions/VERSION)")
+            version = rest[1]
+            rest = rest[2:]
+        if len(rest) > 1 or not name:
+            raise HttpError(404, f"no route for {path}")
+        return name, version, rest[0] if rest else ""
+
+    # ---- metadata --------------------------------------------------------------------------
+
+    def _served(self, name: str, version: str) -> ServedModel:
+        return self._pipeline.models.get(name, version or None)
+
+    def _metadata(self, name: str, version: str) -> bytes:
+        served = self._served(name, version)
+        versions = [
+            m.key.version for m in self._pipeline.models.all() if m.key.name == served.key.name
+        ]
+        return orjson.dumps(describe.model_metadata(served, versions))
+
+    def _model_ready(self, name: str, version: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        self._served(name, version)  # unknown: 404
+        ready = self._is_ready()
+        return (200 if ready else 503), orjson.dumps({"name": name, "ready": ready}), []
+
+    def _stats(self, name: str | None, version: str) -> bytes:
+        chosen = [self._served(name, version)] if name else self._pipeline.models.all()
+        return orjson.dumps(describe.model_statistics(chosen))
+
+    # ---- admin -----------------------------------------------------------------------------
+
+    async def _repository(
+        self, scope: Scope, receive: Receive, parts: list[str]
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        n = len(parts)
+        if n == 4 and parts[3] == "index":
+            self._method(scope["method"], "POST")
+            await self._body(scope, receive)  # {"ready": ...} filters nothing: all are READY
+            return 200, orjson.dumps(describe.repository_index(self._pipeline.models.all())), []
+        if n == 6 and parts[3] == "models" and parts[5] in ("load", "unload"):
+            self._method(scope["method"], "POST")
+            self._admin(scope)
+            await self._body(scope, receive)
+            name = parts[4]
+            if parts[5] == "unload":
+                raise FailedPrecondition(describe.unload_refused(name))
+            if self._control is not None:
+                await self._control.reload(name)
+            else:
+                await self._pipeline.models.reload(name)
+            return 200, _EMPTY, []
+        raise HttpError(404, f"no route for {scope['path']}")
+
+    def _admin(self, scope: Scope) -> None:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        if self._guard.allowed(headers):
+            return
+        token_required, message = self._guard.refusal("header Authorization: Bearer <token>")
+        if token_required:
+            raise HttpError(401, message)
+        raise HttpError(403, message)
+
+    # ---- inference -------------------------------------------------------------------------
+
+    async def _body(self, scope: Scope, receive: Receive) -> tuple[bytes, int | None]:
+        """The whole request body (bounded by max_message_bytes, decompressed if it came
+        compressed) and the Inference-Header-Content-Length header's value, if any."""
+        limit = self._max_body
+        header_length = None
+        encoding = b""
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise HttpError(400, "Content-Length is not an integer", close=True) from None
+                if declared > limit:
+                    raise HttpError(
+                        413,
+                        f"the request body has {declared} bytes; the limit is {limit} "
+                        "(max_message_bytes)",
+                        close=True,
+                    )
+            elif key == b"inference-header-content-length":
+                try:
+                    header_length = int(value)
+                except ValueError:
+                    header_length = -1
+                if header_length < 0:
+                    raise InvalidArgument(
+                        "Inference-Header-Content-Length: expected an integer >= 0, got "
+                        f"{value.decode('latin-1')!r}"
+                    )
+            elif key == b"content-encoding":
+                encoding = value.strip().lower()
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        body: bytes = message.get("body", b"")
+        if message.get("more_body", False):
+            chunks = [body]
+            size = len(body)
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise HttpError(
+                        413,
+                        f"the request body is over the limit of {limit} bytes (max_message_bytes)",
+                        close=True,
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+        elif len(body) > limit:
+            raise HttpError(
+                413,
+                f"the request body has {len(body)} bytes; the limit is {limit} (max_message_bytes)",
+                close=True,
+            )
+        if encoding and encoding != b"identity":
+            body = _decompress(body, encoding, limit)
+        return body, header_length
+
+    def _limits_for(self, served: ServedModel) -> Limits:
+        limits = self._limits.get(served)
+        if limits is None:
+            limits = self._limits[served] = Limits(
+                served.max_batch_size, self._max_elements, self._max_id_bytes
+            )
+        return limits
+
+    async def _infer(
+        self, scope: Scope, receive: Receive, name: str, version: str
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        self.last_call = self._clock.now()
+        body, header_length = await self._body(scope, receive)
+        trace = None
+        if self._tracing is not None:
+            trace = self._tracing.start_request(
+                "ModelInfer",
+                [(k.decode("latin-1"), v) for k, v in scope["headers"]],
+                {"rpc.system": "http", "batchline.model": name},
+            )
+        try:
+            status, reply, extra = await self._run(body, header_length, name, version, trace)
+        except ServingError as exc:
+            if trace is not None:
+                trace.end(exc.kind.name, exc.message)
+            raise
+        except asyncio.CancelledError:
+            if trace is not None:
+                trace.end("CANCELLED")
+            raise
+        except BaseException:
+            if trace is not None:
+                trace.end("INTERNAL")
+            raise
+        if trace is not None:
+            trace.end()
+        return status, reply, extra
+
+    async def _run(
+        self, body: bytes, header_length: int | None, name: str, version: str, trace: Any
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        # The gRPC servicer's steps (server/api/servicer.InferenceServicer._infer), with the
+        # REST request parsed into the shape its codec reads.
+        served = self._pipeline.resolve(name, version or None)
+        try:
+            request = parse_request(body, header_length, name, version)
+            signature = served.signature
+            entity_signature = served.entity_signature
+            if (
+                entity_signature is not None
+                and len(request.inputs) == 1
+                and request.inputs[0].name == entity_signature.inputs[0].name
+            ):
+                signature = entity_signature
+            # version None: the caller named no version, so routing (canary) may choose one.
+            decoded = decode_request(
+                request, signature, self._limits_for(served), version or None, None
+            )
+        except ServingError as exc:
+            served.observer.request_done(0.0, exc.kind.name, "http")
+            raise
+        decoded.protocol = "http"
+        decoded.trace = trace
+        result = await self._pipeline.infer(served, decoded)
+        if trace is None:
+            parts, header = encode_response(result, request)
+        else:
+            began = time.time_ns()
+            parts, header = encode_response(result, request)
+            trace.child("encode", began, time.time_ns())
+        if header is None:
+            return 200, parts[0], []
+        return (
+            200,
+            b"".join(parts),
+            [(b"inference-header-content-length", b"%d" % header), _CT_OCTET],
+        )
+
+
+def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
+    if encoding == b"gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == b"deflate":
+        inflater = zlib.decompressobj(zlib.MAX_WBITS)
+    else:
+        raise HttpError(
+            415,
+            f"Content-Encoding {encoding.decode('latin-1')!r} is not supported "
+            "(gzip, deflate or identity)",
+        )
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidArgument(
+            f"the body is not valid {encoding.decode()} (Content-Encoding): {exc}"
+        ) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise HttpError(
+            413,
+            f"the decompressed request body is over the limit of {limit} bytes (max_message_bytes)",
+        )
+    return out

@@ -1,0 +1,374 @@
+"""V2 REST inference bodies: JSON tensors and Triton's binary tensor data extension.
+
+A request body is a JSON object, optionally followed by binary tensor data; the
+`Inference-Header-Content-Length` header says where the JSON ends. Each input carries either
+`data` (a JSON array, flat or nested, row-major) or `parameters.binary_data_size` (its bytes in
+the binary part, in input order). Parsing yields the same request shape the gRPC codec reads
+(inputs + one raw buffer per input), so `server.api.codec.decode_request` applies every check of
+the gRPC path to it: unknown, missing or repeated inputs, datatype and shape against the model,
+element and row limits. What only JSON can get wrong (not an object, a shape that is not a list of
+integers, strings where numbers belong, a `data` array of the wrong length) is checked here and
+named by its JSON field.
+
+A reply is JSON `data` per output, or binary for the outputs asked so
+(`outputs[].parameters.binary_data` or the request's `parameters.binary_data_output`).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+
+from server.errors import InvalidArgument
+from server.types import NUMPY_TO_V2, V2_TO_NUMPY, InferResult
+
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+# V2 / Triton request parameters that change nothing here (scheduling hints of other servers).
+_UNSUPPORTED_INPUT_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size")
+_UNSUPPORTED_OUTPUT_PARAMETERS = ("classification", "shared_memory_region")
+_INT_BOUNDS: dict[np.dtype[Any], tuple[int, int]] = {
+    np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
+    for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+}
+
+
+class Tensor:
+    """One input as `decode_request` reads it (InferInputTensor's fields, no typed contents)."""
+
+    __slots__ = ("datatype", "name", "shape")
+
+    def __init__(self, name: str, datatype: str, shape: list[int]) -> None:
+        self.name = name
+        self.datatype = datatype
+        self.shape = shape
+
+    def HasField(self, field: str) -> bool:
+        return False
+
+
+class Output:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Request:
+    """A parsed REST inference request in the shape of a ModelInferRequest, plus which outputs
+    the caller wants as binary tensor data."""
+
+    __slots__ = (
+        "binary_names",
+        "binary_output",
+        "id",
+        "inputs",
+        "model_name",
+        "model_version",
+        "outputs",
+        "raw_input_contents",
+    )
+
+    def __init__(self, model_name: str, model_version: str) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.id = ""
+        self.inputs: list[Tensor] = []
+        self.raw_input_contents: list[Any] = []
+        self.outputs: list[Output] = []
+        # All outputs binary (binary_data_output), or these by name (outputs[].binary_data).
+        self.binary_output = False
+        self.binary_names: frozenset[str] = frozenset()
+
+
+def _where(index: int, name: object) -> str:
+    return f"inputs[{index}] ({name!r})" if isinstance(name, str) else f"inputs[{index}]"
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field}: expected a JSON object, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _bool(params: dict[str, Any], key: str, field: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{field}.{key}: expected true or false, got {_kind(value)}")
+    return value
+
+
+def parse_request(
+    body: bytes, header_length: int | None, model_name: str, model_version: str
+) -> Request:
+    """Split and parse a REST inference body; raises InvalidArgument naming the field."""
+    if header_length is None:
+        head: Any = body
+        tail = memoryview(b"")
+    else:
+        if header_length > len(body):
+            raise InvalidArgument(
+                f"Inference-Header-Content-Length is {header_length} but the body has only "
+                f"{len(body)} bytes"
+            )
+        view = memoryview(body)
+        head, tail = view[:header_length], view[header_length:]
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        where = "the JSON header" if header_length is not None else "the request body"
+        raise InvalidArgument(f"{where} is not valid JSON: {exc}") from None
+    doc = _object(doc, "request body")
+    request = Request(model_name, model_version)
+    rid = doc.get("id", "")
+    if not isinstance(rid, str):
+        raise InvalidArgument(f"id: expected a string, got {_kind(rid)}")
+    request.id = rid
+    params = doc.get("parameters")
+    if params is not None:
+        request.binary_output = _bool(
+            _object(params, "parameters"), "binary_data_output", "parameters"
+        )
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidArgument(
+            "inputs: expected a non-empty array of input tensors"
+            + ("" if inputs is None else f", got {_kind(inputs)}")
+        )
+    offset = 0
+    for index, item in enumerate(inputs):
+        tensor = _object(item, f"inputs[{index}]")
+        name = tensor.get("name")
+        where = _where(index, name)
+        if not isinstance(name, str):
+            raise InvalidArgument(f"{where}.name: expected a string, got {_kind(name)}")
+        datatype = tensor.get("datatype")
+        if not isinstance(datatype, str):
+            raise InvalidArgument(f"{where}.datatype: expected a string, got {_kind(datatype)}")
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise InvalidArgument(f"{where}.shape: expected an array of integers")
+        size = None
+        tensor_params = tensor.get("parameters")
+        if tensor_params is not None:
+            tensor_params = _object(tensor_params, f"{where}.parameters")
+            for key in _UNSUPPORTED_INPUT_PARAMETERS:
+                if key in tensor_params:
+                    raise InvalidArgument(
+                        f"{where}.parameters.{key}: shared memory is not supported; send the "
+                        "tensor as data or binary_data_size"
+                    )
+            size = tensor_params.get("binary_data_size")
+            if size is not None and (
+                not isinstance(size, int) or isinstance(size, bool) or size < 0
+            ):
+                raise InvalidArgument(
+                    f"{where}.parameters.binary_data_size: expected an integer >= 0"
+                )
+        if size is not None:
+            if "data" in tensor:
+                raise InvalidArgument(
+                    f"{where}: give data or parameters.binary_data_size, not both"
+                )
+            if offset + size > len(tail):
+                raise InvalidArgument(
+                    f"{where}.parameters.binary_data_size is {size} but only "
+                    f"{len(tail) - offset} bytes of binary data are left after the JSON header "
+                    "(Inference-Header-Content-Length)"
+                )
+            raw: Any = tail[offset : offset + size]
+            offset += size
+            _check_binary_size(name, datatype, shape, size)
+            if datatype == "BYTES":
+                raw = bytes(raw)
+        else:
+            if "data" not in tensor:
+                raise InvalidArgument(
+                    f"{where}: data is required (or parameters.binary_data_size with binary "
+                    "tensor data)"
+                )
+            raw = _json_data(name, datatype, shape, tensor["data"])
+        request.inputs.append(Tensor(name, datatype, shape))
+        request.raw_input_contents.append(raw)
+    if offset != len(tail):
+        raise InvalidArgument(
+            f"the body holds {len(tail)} bytes of binary data after the JSON header; the inputs' "
+            f"binary_data_size add up to {offset}"
+        )
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise InvalidArgument(f"outputs: expected an array, got {_kind(outputs)}")
+        binary = []
+        for index, item in enumerate(outputs):
+            out = _object(item, f"outputs[{index}]")
+            name = out.get("name")
+            if not isinstance(name, str):
+                raise InvalidArgument(
+                    f"outputs[{index}].name: expected a string, got {_kind(name)}"
+                )
+            out_params = out.get("parameters")
+            if out_params is not None:
+                out_params = _object(out_params, f"outputs[{index}].parameters")
+                for key in _UNSUPPORTED_OUTPUT_PARAMETERS:
+                    if key in out_params:
+                        raise InvalidArgument(
+                            f"outputs[{index}] ({name!r}).parameters.{key} is not supported"
+                        )
+                if _bool(out_params, "binary_data", f"outputs[{index}].parameters"):
+                    binary.append(name)
+            request.outputs.append(Output(name))
+        request.binary_names = frozenset(binary)
+    return request
+
+
+def _count(shape: list[int]) -> int | None:
+    """Elements in `shape`, or None when a dimension is negative (the codec names that)."""
+    if any(d < 0 for d in shape):
+        return None
+    return math.prod(shape)
+
+
+def _check_binary_size(name: str, datatype: str, shape: list[int], size: int) -> None:
+    dtype = V2_TO_NUMPY.get(datatype)
+    count = _count(shape)
+    if dtype is None or datatype == "BYTES" or count is None:
+        return  # the codec checks unknown datatypes, bad shapes and BYTES element counts
+    need = count * dtype.itemsize
+    if size != need:
+        raise InvalidArgument(
+            f"input '{name}': binary_data_size is {size} bytes; shape {shape} of {datatype} "
+            f"needs {need}"
+        )
+
+
+def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> Any:
+    """`data` as the raw little-endian buffer the codec decodes (numpy-direct, no per-element
+    Python for numbers)."""
+    dtype = V2_TO_NUMPY.get(datatype)
+    count = _count(shape)
+    if dtype is None or count is None:
+        return b""  # the codec rejects the datatype or the shape, naming it
+    if not isinstance(data, list):
+        data = [data]  # a scalar stands for a one-element tensor
+    if datatype == "BYTES":
+        items = _strings(name, data)
+        if len(items) != count:
+            raise InvalidArgument(
+                f"input '{name}': data holds {len(items)} values; shape {shape} needs {count}"
+            )
+        return b"".join(struct.pack("<I", len(b)) + b for b in items)
+    try:
+        array = np.asarray(data)
+    except ValueError:
+        raise InvalidArgument(
+            f"input '{name}': data is not a regular array (nested rows of unequal length)"
+        ) from None
+    kind = array.dtype.kind
+    if array.size != count:
+        raise InvalidArgument(
+            f"input '{name}': data holds {array.size} values; shape {shape} needs {count}"
+        )
+    if count == 0:
+        return b""
+    if datatype == "BOOL":
+        if kind != "b":
+            raise InvalidArgument(f"input '{name}' of datatype BOOL: data must hold true/false")
+    elif kind in "US":
+        raise InvalidArgument(f"input '{name}' of datatype {datatype}: data holds strings")
+    elif kind not in "biuf":
+        raise InvalidArgument(
+            f"input '{name}' of datatype {datatype}: data holds values that are not numbers "
+            "(null, mixed types, or integers too large)"
+        )
+    elif dtype.kind in "iu":
+        if kind == "f" or kind == "b":
+            raise InvalidArgument(f"input '{name}' of datatype {datatype}: data must hold integers")
+        low, high = _INT_BOUNDS[dtype]
+        if int(array.min()) < low or int(array.max()) > high:
+            raise InvalidArgument(f"input '{name}': a value does not fit {datatype}")
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def _strings(name: str, data: list[Any]) -> list[bytes]:
+    out: list[bytes] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, str):
+                out.append(item.encode())
+            elif isinstance(item, list):
+                stack.append(iter(item))
+                break
+            else:
+                raise InvalidArgument(
+                    f"input '{name}' of datatype BYTES: data holds {_kind(item)}; BYTES elements "
+                    "are JSON strings"
+                )
+        else:
+            stack.pop()
+    return out
+
+
+def _bytes_blob(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.ravel():
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def encode_response(result: InferResult, request: Request) -> tuple[list[bytes], int | None]:
+    """The reply body as parts to join, and the JSON header's length when binary data follows."""
+    outputs = []
+    blobs = []
+    binary_all = request.binary_output
+    binary_names = request.binary_names
+    for name, array in result.outputs.items():
+        datatype = NUMPY_TO_V2.get(array.dtype, "BYTES")
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary_all or name in binary_names:
+            blob = (
+                _bytes_blob(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
+            )
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif datatype == "BYTES":
+            entry["data"] = [
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                for v in array.ravel()
+            ]
+        else:
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
+    if result.id:
+        doc["id"] = result.id
+    if result.parameters:
+        doc["parameters"] = result.parameters
+    doc["outputs"] = outputs
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if blobs:
+        return [head, *blobs], len(head)
+    return [head], None
