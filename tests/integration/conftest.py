@@ -84,6 +84,7 @@ class ServerProcess:
     grpc_port: int
     metrics_port: int
     log: Path
+    http_port: int = 0
 
     @property
     def address(self) -> str:
@@ -127,7 +128,9 @@ def spawn_server(
             raise TimeoutError(f"server not ready after {timeout}s:\n{log.read_text()}")
         time.sleep(0.05)
     info = json.loads(ready.read_text())
-    return ServerProcess(proc, info["grpc_port"], info["metrics_port"], log)
+    return ServerProcess(
+        proc, info["grpc_port"], info["metrics_port"], log, info.get("http_port", 0)
+    )
 
 
 @pytest.fixture(scope="session")
