@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool  # type: ignore[import-untyped]
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server._proto import admin_pb2
 from server._proto import inference_pb2 as pb
@@ -19,6 +21,10 @@ ADMIN_SERVICE_NAME = "batchline.admin.v1.AdminService"
 # The inference service's methods that change what is served: the admin guard applies to them
 # exactly as to every AdminService method.
 ADMIN_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+# gRPC server reflection (grpcurl, ghz and Postman without --proto): grpcio-reflection serves
+# v1alpha; v1 has the same messages field for field, so the same servicer answers it too
+# (grpcurl asks v1 first).
+REFLECTION_SERVICES = (reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
 
 
 class Health:
@@ -100,6 +106,46 @@ def method_handlers(
     return handlers
 
 
+def _reflection_pool(files: tuple[Any, ...]) -> descriptor_pool.DescriptorPool:
+    """One pool holding `files` and their imports: batchline's generated modules live in a
+    private pool (server/_proto/_pool.py), grpc's health and reflection in the default one."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
+def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Serve reflection for `service_names` under both reflection service names."""
+    pool = _reflection_pool(
+        (pb.DESCRIPTOR, admin_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+    )
+    servicer = reflection.aio.ReflectionServicer(
+        (*service_names, reflection.SERVICE_NAME), pool=pool
+    )
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+            for name in REFLECTION_SERVICES
+        )
+    )
+
+
 def build_server(
     servicer: InferenceServicer,
     health_service: Health,
@@ -158,6 +204,10 @@ def build_server(
             (grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, admin_handlers),)
         )
         server.add_registered_method_handlers(ADMIN_SERVICE_NAME, admin_handlers)
+    add_reflection(
+        server,
+        (SERVICE_NAME, health.SERVICE_NAME, *((ADMIN_SERVICE_NAME,) if admin is not None else ())),
+    )
     address = f"{host}:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)
