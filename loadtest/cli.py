@@ -17,6 +17,7 @@ examples:
   python -m loadtest 127.0.0.1:8001 --insecure --model churn -c 64 -n 20000
   python -m loadtest 127.0.0.1:8001 --call inference.GRPCInferenceService/ModelStreamInfer \\
       -D request.json -z 10s -O json -o report.json
+  python -m loadtest 127.0.0.1:8001 --proto proto/inference.proto --call ModelInfer --model churn
 latencies in JSON are nanoseconds; failed calls count in count/rps but not in latency figures;
 STREAM_ERROR counts ModelStreamInfer replies that carry error_message.
 """
@@ -31,10 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", metavar="HOST:PORT", help="server address")
     p.add_argument(
-        "--call", default=DEFAULT_CALL, help="method: %(default)s or .../ModelStreamInfer"
+        "--call",
+        default=DEFAULT_CALL,
+        help="method: %(default)s, .../ModelStreamInfer, or the method alone (ModelInfer)",
     )
     p.add_argument(
         "--insecure", action="store_true", help="plaintext (the only mode; accepted for ghz)"
+    )
+    p.add_argument("--proto", type=Path, help="resolve --call in this .proto (needs grpcio-tools)")
+    p.add_argument(
+        "-i", "--import-paths", default="", help="comma-separated import paths for --proto"
+    )
+    p.add_argument(
+        "--protoset", type=Path, help="resolve --call in this FileDescriptorSet (protoc -o)"
     )
     src = p.add_argument_group("request (at most one)")
     src.add_argument("-d", "--data", help="request message as JSON")
@@ -83,6 +93,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
         rows=args.rows,
         model_version=args.model_version,
         typed=args.typed,
+        proto=args.proto,
+        import_paths=tuple(Path(p) for p in args.import_paths.split(",") if p),
+        protoset=args.protoset,
     )
 
 

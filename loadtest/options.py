@@ -40,6 +40,11 @@ class Options:
     rows: int = 1
     model_version: str = ""
     typed: bool = False
+    # ghz's --proto / --import-paths / --protoset: resolve --call against these descriptors
+    # instead of the generated V2 protocol (any unary method, or ModelStreamInfer).
+    proto: Path | None = None
+    import_paths: tuple[Path, ...] = ()
+    protoset: Path | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -75,6 +80,11 @@ class Options:
                 "--model-version needs --model",
             ),
             (":" in self.target, f"target must be host:port, got {self.target!r}"),
+            (
+                self.proto is None or self.protoset is None,
+                "give --proto or --protoset, not both",
+            ),
+            (not self.import_paths or self.proto is not None, "--import-paths needs --proto"),
         ]
         sources = [
             name

@@ -6,6 +6,7 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,18 +61,29 @@ class Method:
     request_type: type[Message]
 
 
-def resolve_call(call: str) -> Method:
-    """Accept ``inference.GRPCInferenceService/ModelInfer`` or ``...GRPCInferenceService.ModelInfer``."""
+def resolve_call(call: str, options: Options | None = None) -> Method:
+    """Accept ``inference.GRPCInferenceService/ModelInfer``, ``...GRPCInferenceService.ModelInfer``
+    or the method alone (``ModelInfer``); with ``--proto``/``--protoset`` in ``options``, any
+    service those files define."""
+    if options is not None and (options.proto is not None or options.protoset is not None):
+        return _resolve_in(call, *load_descriptors(options))
     text = call.strip().lstrip("/")
     service, sep, name = text.rpartition("/")
     if not sep:
         service, _, name = text.rpartition(".")
+    if service in ("", "GRPCInferenceService"):
+        service = SERVICE
     if service != SERVICE:
-        raise ValueError(f"--call: only {SERVICE} methods are supported, got {call!r}")
+        raise ValueError(
+            f"--call: only {SERVICE} methods are supported, got {call!r} (pass --proto or "
+            "--protoset for another service)"
+        )
     methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
     method = methods.get(name)
     if method is None:
-        raise ValueError(f"--call: {SERVICE} has no method {name!r}")
+        raise ValueError(
+            f"--call: {SERVICE} has no method {name!r} (it has: {', '.join(sorted(methods))})"
+        )
     if method.client_streaming != method.server_streaming:
         raise ValueError(f"--call: {name} is half-streaming; unary or bidirectional only")
     if method.client_streaming and name != STREAM_INFER:
@@ -84,10 +96,122 @@ def resolve_call(call: str) -> Method:
     )
 
 
+def load_descriptors(options: Options) -> tuple[Any, list[str]]:
+    """The descriptor pool (and its files' names) of ``--protoset`` (a FileDescriptorSet, as ``protoc
+    --include_imports --descriptor_set_out`` writes it) or of ``--proto`` compiled with
+    grpcio-tools' protoc."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    if options.protoset is not None:
+        flag, data = "--protoset", _read(options.protoset, "--protoset")
+    else:
+        assert options.proto is not None
+        flag, data = "--proto", _compile(options.proto, options.import_paths)
+    try:
+        files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    except DecodeError as e:
+        raise ValueError(f"{flag}: not a FileDescriptorSet: {e}") from e
+    pool = descriptor_pool.DescriptorPool()
+    by_name = {f.name: f for f in files}
+    added: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in added:
+            return
+        file = by_name.get(name)
+        if file is None:
+            raise ValueError(f"{flag}: {name} is imported but not in the set (--include_imports)")
+        for dependency in file.dependency:
+            add(dependency)
+        pool.Add(file)
+        added.add(name)
+
+    for file in files:
+        add(file.name)
+    return pool, [f.name for f in files]
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e.strerror}") from e
+
+
+def _compile(proto: Path, import_paths: tuple[Path, ...]) -> bytes:
+    try:
+        from grpc_tools import protoc
+    except ImportError:
+        raise ValueError(
+            "--proto needs grpcio-tools (pip install grpcio-tools), or pass a --protoset"
+        ) from None
+    if not proto.is_file():
+        raise ValueError(f"--proto: {proto} is not a file")
+    import importlib.resources
+    import tempfile
+
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
+    paths = [*import_paths, proto.parent]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "set.pb"
+        code = protoc.main(
+            [
+                "protoc",
+                *(f"-I{p}" for p in paths),
+                f"-I{well_known}",
+                "--include_imports",
+                f"--descriptor_set_out={out}",
+                str(proto.resolve().relative_to(proto.parent.resolve())),
+            ]
+        )
+        if code != 0 or not out.exists():
+            raise ValueError(f"--proto: protoc could not compile {proto} (see its message above)")
+        return out.read_bytes()
+
+
+def _resolve_in(call: str, pool: Any, files: list[str]) -> Method:
+    from google.protobuf import message_factory
+
+    text = call.strip().lstrip("/")
+    service_name, sep, name = text.rpartition("/")
+    if not sep:
+        service_name, _, name = text.rpartition(".")
+    if service_name:
+        try:
+            service = pool.FindServiceByName(service_name)
+        except KeyError:
+            raise ValueError(f"--call: no service {service_name!r} in the given files") from None
+        method = service.methods_by_name.get(name)
+        if method is None:
+            raise ValueError(f"--call: {service_name} has no method {name!r}")
+    else:
+        found = [
+            m
+            for file in files
+            for s in pool.FindFileByName(file).services_by_name.values()
+            for m in s.methods
+            if m.name == name
+        ]
+        if len(found) != 1:
+            where = ", ".join(m.full_name for m in found) or "no service"
+            raise ValueError(f"--call: {name!r} matches {where}; give SERVICE/{name}")
+        method = found[0]
+    if method.client_streaming != method.server_streaming:
+        raise ValueError(f"--call: {method.name} is half-streaming; unary or bidirectional only")
+    if method.client_streaming and method.full_name != f"{SERVICE}.{STREAM_INFER}":
+        raise ValueError(f"--call: only {STREAM_INFER} is supported among streaming methods")
+    return Method(
+        name=method.name,
+        path=f"/{method.containing_service.full_name}/{method.name}",
+        streaming=method.client_streaming,
+        request_type=message_factory.GetMessageClass(method.input_type),
+    )
+
+
 def static_request(options: Options, method: Method) -> bytes | None:
     """The serialised request from the options, or None when it must come from ModelMetadata."""
     if options.model is not None:
-        if method.request_type is not pb.ModelInferRequest:
+        if method.request_type.DESCRIPTOR.full_name != "inference.ModelInferRequest":
             raise ValueError(f"--model builds a ModelInferRequest; {method.name} takes another")
         return None
     if options.request is not None:

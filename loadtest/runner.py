@@ -61,7 +61,7 @@ def run(options: Options) -> Report:
 
     Blocks until done; call it from synchronous code (it runs its own uvloop event loop).
     """
-    method = resolve_call(options.call)
+    method = resolve_call(options.call, options)
     request = static_request(options, method)
     shares = _shares(options)
     if len(shares) == 1:
@@ -472,7 +472,7 @@ def _child_main(
     results: mp.Queue[tuple[str, Any]],
 ) -> None:
     try:
-        method = resolve_call(options.call)
+        method = resolve_call(options.call, options)
         result = uvloop.run(_run_share(options, method, request, share, barrier))
     except threading.BrokenBarrierError:
         results.put(("error", "a sibling load process failed before the start"))

@@ -313,3 +313,77 @@ async def test_unanswered_calls_end_at_the_timeout_as_deadline_exceeded(
         f"127.0.0.1:{port}", "--call", call, "-n", "4", "-c", "1", "-t", "300ms"
     )
     assert report["statusCodeDistribution"] == {"OK": 2, "DEADLINE_EXCEEDED": 2}
+
+
+# ---- ghz's --proto / --protoset and the short --call ---------------------------------------
+
+
+def test_short_call_names_the_method_alone(echo_port: int) -> None:
+    report = _report(f"127.0.0.1:{echo_port}", "--call", "ModelInfer", "-n", "200", "-c", "4")
+    _assert_all_ok(report, 200)
+    assert report["call"] == UNARY
+
+
+def test_proto_file_resolves_the_call_like_ghz(echo_port: int) -> None:
+    report = _report(
+        f"127.0.0.1:{echo_port}",
+        "--proto",
+        str(ROOT / "proto" / "inference.proto"),
+        "--call",
+        "inference.GRPCInferenceService.ModelInfer",
+        "--model",
+        "echo",
+        "-n",
+        "200",
+        "-c",
+        "4",
+    )
+    _assert_all_ok(report, 200)
+
+
+def test_protoset_with_json_data_and_a_short_call(echo_port: int, tmp_path: Path) -> None:
+    from grpc_tools import protoc
+
+    protoset = tmp_path / "inference.protoset"
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{ROOT / 'proto'}",
+                "--include_imports",
+                f"--descriptor_set_out={protoset}",
+                "inference.proto",
+            ]
+        )
+        == 0
+    )
+    data = json.dumps(
+        {
+            "model_name": "echo",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 15]}],
+            "raw_input_contents": ["AAAAAA=="],
+        }
+    )
+    report = _report(
+        f"127.0.0.1:{echo_port}", "--protoset", str(protoset), "--call", "ModelInfer",
+        "-d", data, "-n", "200", "-c", "4",
+    )  # fmt: skip
+    _assert_all_ok(report, 200)
+
+
+def test_bad_proto_flags_are_named(tmp_path: Path) -> None:
+    garbage = tmp_path / "x.protoset"
+    garbage.write_bytes(b"\xff\xff not a descriptor set")
+    cases = [
+        (("--protoset", str(garbage)), "--protoset: not a FileDescriptorSet"),
+        (("--proto", str(tmp_path / "missing.proto")), "--proto:"),
+        (("--call", "NoSuchMethod"), "has no method 'NoSuchMethod'"),
+        (
+            ("--proto", str(ROOT / "proto" / "inference.proto"), "--protoset", str(garbage)),
+            "give --proto or --protoset, not both",
+        ),
+    ]
+    for flags, message in cases:
+        done = _loadtest("127.0.0.1:1", *flags, "-n", "1", "-c", "1")
+        assert done.returncode != 0, flags
+        assert message in done.stderr, (flags, done.stderr)
