@@ -1,7 +1,10 @@
-"""Locust load test for batchline: ModelInfer over gRPC, one channel per simulated user.
+"""Locust load test for batchline: ModelInfer over gRPC (one channel per simulated user), or the
+same scenarios over the V2 REST binding with locust's own HttpUser (LOCUST_PROTOCOL=http).
 
     locust -f loadtest/locustfile.py --host 127.0.0.1:8001                      # web UI
     locust -f loadtest/locustfile.py --host 127.0.0.1:8001 --headless -u 64 -r 16 -t 1m
+    LOCUST_PROTOCOL=http locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 \\
+        --headless -u 64 -r 16 -t 1m
 
 Every call is reported to locust's request event (request_type "grpc", a name per scenario,
 response time in ms, response size in bytes, the exception when it failed), so locust's tables,
@@ -18,8 +21,10 @@ charts, CSV and JSON reports work as for HTTP. Scenarios (task weight in bracket
   per line, or a CSV whose header names the entity key), else "0".."999". Off by default because
   it needs a server with a feature store holding those entities.
 
-Other settings: LOCUST_MODEL (default ``churn``), LOCUST_TIMEOUT_S (per-call deadline, default
-10), LOCUST_WAIT_S (pause between a user's calls, default 0). Pick scenarios with locust's own
+Over HTTP (``RestUser``) the scenario names read ``infer churn inline`` etc., tensors go as JSON
+``data`` unless LOCUST_HTTP_BINARY=1 (Triton's binary tensor data both ways), and entity ids as
+JSON strings. Other settings: LOCUST_MODEL (default ``churn``), LOCUST_TIMEOUT_S (per-call
+deadline, default 10), LOCUST_WAIT_S (pause between a user's calls, default 0). Pick scenarios with locust's own
 ``--tags inline canary entity`` / ``--exclude-tags``. This module imports nothing from batchline
 but the generated protocol (``server._proto``).
 """
@@ -27,6 +32,7 @@ but the generated protocol (``server._proto``).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import struct
@@ -37,7 +43,7 @@ from typing import Any
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
-from locust import User, constant, tag, task
+from locust import HttpUser, User, constant, tag, task
 from locust.exception import StopUser
 
 from server._proto import inference_pb2 as pb
@@ -57,6 +63,10 @@ ENTITY = os.environ.get("LOCUST_ENTITY", "") == "1"
 ENTITY_KEY = os.environ.get("LOCUST_ENTITY_KEY", "customer_id")
 ENTITY_IDS = os.environ.get("LOCUST_ENTITY_IDS", "")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+PROTOCOL = os.environ.get("LOCUST_PROTOCOL", "grpc")
+HTTP_BINARY = os.environ.get("LOCUST_HTTP_BINARY", "") == "1"
+if PROTOCOL not in ("grpc", "http"):
+    raise ValueError(f"LOCUST_PROTOCOL: expected grpc or http, got {PROTOCOL!r}")
 
 _NUMPY = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
 
@@ -87,6 +97,7 @@ def _bytes_tensor(values: list[str]) -> bytes:
 class InferenceUser(User):
     """One simulated client: its own gRPC channel, calling ModelInfer back to back."""
 
+    abstract = PROTOCOL != "grpc"
     wait_time = constant(WAIT_S)
 
     def __init__(self, environment: Any) -> None:
@@ -193,3 +204,105 @@ class InferenceUser(User):
             exception=exception,
             context={},
         )
+
+
+class RestUser(HttpUser):
+    """The same scenarios over the V2 REST binding (LOCUST_PROTOCOL=http), one keep-alive
+    connection per user; locust's HttpUser reports every request itself."""
+
+    abstract = PROTOCOL != "http"
+    wait_time = constant(WAIT_S)
+
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        self._rng = np.random.default_rng(random.randrange(2**32))
+        self._inputs: list[dict[str, Any]] = []
+        self._entity_ids = _entity_ids() if ENTITY else []
+
+    def on_start(self) -> None:
+        with self.client.get(
+            f"/v2/models/{MODEL}", name="metadata", timeout=TIMEOUT_S, catch_response=True
+        ) as reply:
+            if reply.status_code != 200:
+                reply.failure(f"{reply.status_code}: {reply.text[:200]}")
+                raise StopUser()
+            self._inputs = reply.json()["inputs"]
+
+    @tag("inline")
+    @task(8)
+    def inline(self) -> None:
+        self._infer(f"infer {MODEL} inline", self._features())
+
+    @tag("canary")
+    @task(2)
+    def canary(self) -> None:
+        canary = self._rng.random() < CANARY_SHARE
+        version = CANARY_VERSION if canary else PRIMARY_VERSION
+        role = "canary" if canary else "primary"
+        self._infer(f"infer {MODEL} v{version} ({role})", self._features(), version)
+
+    if ENTITY:
+
+        @tag("entity")
+        @task(4)
+        def entity(self) -> None:
+            ids = [random.choice(self._entity_ids) for _ in range(ROWS)]
+            tensor = {"name": ENTITY_KEY, "datatype": "BYTES", "shape": [len(ids)], "data": ids}
+            self._infer(f"infer {MODEL} entity", [(tensor, None)])
+
+    def _features(self) -> list[tuple[dict[str, Any], bytes | None]]:
+        out: list[tuple[dict[str, Any], bytes | None]] = []
+        for tensor in self._inputs:
+            shape = [
+                ROWS if i == 0 else (1 if d < 0 else int(d)) for i, d in enumerate(tensor["shape"])
+            ]
+            dtype = _NUMPY.get(tensor["datatype"])
+            if dtype is None:
+                raise StopUser(f"input {tensor['name']}: {tensor['datatype']} is not supported")
+            values = self._rng.random(int(np.prod(shape))).astype(dtype)
+            head: dict[str, Any] = {"name": tensor["name"], "datatype": tensor["datatype"],
+                                    "shape": shape}  # fmt: skip
+            if HTTP_BINARY:
+                raw = values.tobytes()
+                head["parameters"] = {"binary_data_size": len(raw)}
+                out.append((head, raw))
+            else:
+                head["data"] = values.tolist()
+                out.append((head, None))
+        return out
+
+    def _infer(
+        self, name: str, tensors: list[tuple[dict[str, Any], bytes | None]], version: str = ""
+    ) -> None:
+        doc: dict[str, Any] = {"inputs": [t for t, _ in tensors]}
+        if HTTP_BINARY:
+            doc["parameters"] = {"binary_data_output": True}
+        header = json.dumps(doc).encode()
+        blobs = [raw for _, raw in tensors if raw is not None]
+        headers = {"Content-Type": "application/json"}
+        if blobs:
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(len(header)),
+            }
+        path = f"/v2/models/{MODEL}" + (f"/versions/{version}" if version else "") + "/infer"
+        with self.client.post(
+            path,
+            data=b"".join([header, *blobs]),
+            headers=headers,
+            name=name,
+            timeout=TIMEOUT_S,
+            catch_response=True,
+        ) as reply:
+            if reply.status_code != 200:
+                try:
+                    message = reply.json()["error"]
+                except (ValueError, KeyError, TypeError):
+                    message = reply.text[:200]
+                reply.failure(f"{reply.status_code}: {message}")
+                return
+            length = reply.headers.get("Inference-Header-Content-Length")
+            body = reply.content[: int(length)] if length is not None else reply.content
+            answered = json.loads(body).get("model_version")
+            if version and answered != version:
+                reply.failure(f"asked for version {version}, got {answered!r}")

@@ -52,9 +52,12 @@ def serves(address: str, model: str, version: str) -> bool:
     return bool(reply.ready)
 
 
-def run_locust(address: str, out: Path) -> tuple[dict[str, dict[str, str]], list[dict[str, str]]]:
+def run_locust(
+    address: str, out: Path, **settings: str
+) -> tuple[dict[str, dict[str, str]], list[dict[str, str]]]:
     """Run the locustfile headless; return its stats rows by name and its failure rows."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    env.update(settings)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     prefix = out / "run"
     result = subprocess.run(
@@ -99,3 +102,25 @@ def test_locust_inline_and_canary_scenarios_run_against_a_real_server(
             assert all("NOT_FOUND" in f["Error"] for f in canary_failures), canary_failures
 
     assert not any("entity" in name for name in stats), "the entity task runs only when enabled"
+
+
+@pytest.mark.parametrize("binary", ["", "1"], ids=["json", "binary"])
+def test_locust_http_user_runs_the_same_scenarios_over_rest(
+    server: ServerProcess, tmp_path: Path, binary: str
+) -> None:
+    stats, failures = run_locust(
+        f"http://127.0.0.1:{server.http_port}",
+        tmp_path,
+        LOCUST_PROTOCOL="http",
+        LOCUST_HTTP_BINARY=binary,
+    )
+    inline = stats["infer churn inline"]
+    assert int(inline["Request Count"]) > 0
+    assert int(inline["Failure Count"]) == 0, failures
+    assert float(inline["Average Content Size"]) > 0
+    primary = stats["infer churn v1 (primary)"]
+    assert int(primary["Failure Count"]) == 0, failures
+    # Only version 1 is served here: the canary share must fail as not found (404).
+    canary_failures = [f for f in failures if f["Name"] == "infer churn v2 (canary)"]
+    assert all("404" in f["Error"] for f in canary_failures), canary_failures
+    assert "ModelInfer churn inline" not in stats, "the gRPC user stays off"
