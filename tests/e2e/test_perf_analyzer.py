@@ -87,13 +87,19 @@ def settled_counts(server: ServerProcess, model: str, timeout: float = 5.0) -> C
 
 
 def run_perf_analyzer(
-    perf_analyzer: Path, server: ServerProcess, tmp_path: Path, model: str, *args: str
+    perf_analyzer: Path,
+    server: ServerProcess,
+    tmp_path: Path,
+    model: str,
+    *args: str,
+    protocol: str = "grpc",
 ) -> PerfResult:
     report = tmp_path / f"{model}.csv"
+    url = server.address if protocol == "grpc" else f"127.0.0.1:{server.http_port}"
     cmd = [
         str(perf_analyzer),
-        "-i", "grpc",
-        "-u", server.address,
+        "-i", protocol,
+        "-u", url,
         "-m", model,
         "--measurement-interval", str(WINDOW_MS),
         "--stability-percentage", "1000",
@@ -183,3 +189,28 @@ def test_churn_mlp_batch_of_4_rows(
     )  # fmt: skip
     assert "Batch size: 4" in result.output
     check_run(result, settled_counts(batchline_server, "churn_mlp") - before, {2}, 4)
+
+
+@pytest.mark.parametrize(
+    "tensor_format",
+    [
+        pytest.param(("--input-tensor-format", "binary", "--output-tensor-format", "binary"),
+                     id="binary"),
+        pytest.param(("--input-tensor-format", "json", "--output-tensor-format", "json"),
+                     id="json"),
+    ],
+)  # fmt: skip
+def test_churn_over_http(
+    perf_analyzer: Path,
+    batchline_server: ServerProcess,
+    tmp_path: Path,
+    tensor_format: tuple[str, ...],
+) -> None:
+    """perf_analyzer -i http, sync (its --async HTTP mode fails on HTTP/1.1 servers): the REST binding's
+    metadata, config and statistics JSON satisfy it, and every request it sent was counted."""
+    before = model_counts(batchline_server, "churn")
+    result = run_perf_analyzer(
+        perf_analyzer, batchline_server, tmp_path, "churn", "--concurrency-range", "1:4:3",
+        *tensor_format, protocol="http",
+    )  # fmt: skip
+    check_run(result, settled_counts(batchline_server, "churn") - before, {1, 4}, 1)
