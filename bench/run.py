@@ -45,6 +45,7 @@ class Proc:
     port: int
     pid: int
     metrics_port: int = 0
+    http_port: int = 0
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -75,7 +76,9 @@ def start(cmd: list[str], tag: str) -> Proc:
         time.sleep(0.05)
     info = json.loads(ready.read_text())
     ready.unlink()
-    return Proc(popen, info["grpc_port"], info["pid"], info.get("metrics_port", 0))
+    return Proc(
+        popen, info["grpc_port"], info["pid"], info.get("metrics_port", 0), info.get("http_port", 0)
+    )
 
 
 def start_echo() -> Proc:

@@ -4,7 +4,10 @@ uvicorn is used as a library (no `uvicorn.run`, no signal handlers, no lifespan)
 bound here (SO_REUSEPORT with several workers, port 0 read back), `Server.startup` serves it on
 the running uvloop loop beside grpc.aio, and `stop` closes it after the App's drain.
 
-One addition to uvicorn's protocol: every request must arrive whole (headers and body) within
+Two additions to uvicorn's protocol. A response goes out in one write: uvicorn writes the status
+line and headers, then the body, each a send() system call of its own; `_CoalescingTransport`
+holds the header block until the body follows (or the loop turns), one syscall instead of two.
+And every request must arrive whole (headers and body) within
 `request_timeout_s` of its first byte, and a new connection must start one within that time too;
 otherwise the client gets 408 and the connection is closed. uvicorn itself times out only idle
 keep-alive connections, so a client that stops half-way through its body would hold its
@@ -30,8 +33,51 @@ from server.api.http.app import RestApp
 log = logging.getLogger(__name__)
 
 
+class _CoalescingTransport:
+    """A transport whose header-block writes (ending in a blank line) wait for the next write
+    or the end of the loop turn, whichever comes first; everything else is the transport's."""
+
+    __slots__ = ("_flush", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._flush: asyncio.Handle | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            if data.endswith(b"\r\n\r\n"):
+                self._held = data
+                self._flush = self._loop.call_soon(self.flush)
+            else:
+                self._transport.write(data)
+            return
+        self._held = None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self._transport.write(held + data)
+
+    def flush(self) -> None:
+        self._flush = None
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class TimedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on receiving each request."""
+    """uvicorn's httptools protocol writing each response once, with a deadline on receiving
+    each request."""
 
     request_timeout_s: float = 60.0
 
@@ -42,6 +88,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # FlowControl keeps the real transport; requests' cycles get the coalescing one.
+        self.transport = _CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         self._arm()  # the first request must begin (and end) in time
 
     def data_received(self, data: bytes) -> None:
