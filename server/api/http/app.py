@@ -28,7 +28,7 @@ import orjson
 from server.api import describe
 from server.api.admin import AdminGuard
 from server.api.codec import Limits, decode_request
-from server.api.http.tensors import JSON, OCTET_STREAM, encode_response, parse_request
+from server.api.http.tensors import JSON, OCTET_STREAM, Parser, encode_response
 from server.api.status import details
 from server.clock import Clock
 from server.control import ControlPlane
@@ -120,6 +120,7 @@ class RestApp:
         self._control = control
         self._tracing = tracing
         self._limits: weakref.WeakKeyDictionary[ServedModel, Limits] = weakref.WeakKeyDictionary()
+        self._parser = Parser()
         # When the last inference request arrived (the drain waits for a quiet moment).
         self.last_call = clock.now()
 
@@ -384,7 +385,7 @@ class RestApp:
         # REST request parsed into the shape its codec reads.
         served = self._pipeline.resolve(name, version or None)
         try:
-            request = parse_request(body, header_length, name, version)
+            request = self._parser.parse(body, header_length, name, version)
             signature = served.signature
             entity_signature = served.entity_signature
             if (

@@ -63,6 +63,7 @@ class Request:
     the caller wants as binary tensor data."""
 
     __slots__ = (
+        "all_binary",
         "binary_names",
         "binary_output",
         "id",
@@ -83,6 +84,8 @@ class Request:
         # All outputs binary (binary_data_output), or these by name (outputs[].binary_data).
         self.binary_output = False
         self.binary_names: frozenset[str] = frozenset()
+        # Every input came as binary tensor data (none as JSON `data`).
+        self.all_binary = False
 
 
 def _where(index: int, name: object) -> str:
@@ -114,6 +117,58 @@ def _bool(params: dict[str, Any], key: str, field: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(f"{field}.{key}: expected true or false, got {_kind(value)}")
     return value
+
+
+class Parser:
+    """`parse_request` with a cache of validated JSON headers.
+
+    Clients that send binary tensor data (tritonclient, perf_analyzer) repeat the same JSON
+    header byte for byte, request after request, when they set no id: a header that parsed
+    and validated once maps to its inputs, outputs and binary sizes, so the next request with
+    it costs a dict lookup and the slicing of its binary part. Only headers whose inputs are
+    all binary, with no id, up to 4 KiB, are kept (at most 1024; then the cache starts over).
+    """
+
+    MAX_HEADER_BYTES = 4096
+    MAX_ENTRIES = 1024
+
+    def __init__(self) -> None:
+        self._templates: dict[bytes, tuple[Request, tuple[tuple[int, bool], ...], int]] = {}
+
+    def parse(
+        self, body: bytes, header_length: int | None, model_name: str, model_version: str
+    ) -> Request:
+        if header_length is None or header_length > self.MAX_HEADER_BYTES:
+            return parse_request(body, header_length, model_name, model_version)
+        head = body[:header_length]
+        hit = self._templates.get(head)
+        if hit is not None:
+            template, parts, total = hit
+            if total == len(body) - header_length:
+                request = Request(model_name, model_version)
+                request.inputs = template.inputs
+                request.outputs = template.outputs
+                request.binary_output = template.binary_output
+                request.binary_names = template.binary_names
+                request.all_binary = True
+                view = memoryview(body)
+                offset = header_length
+                raws = request.raw_input_contents
+                for size, is_bytes in parts:
+                    raw: Any = view[offset : offset + size]
+                    raws.append(bytes(raw) if is_bytes else raw)
+                    offset += size
+                return request
+        request = parse_request(body, header_length, model_name, model_version)
+        if request.all_binary and not request.id:
+            parts = tuple(
+                (len(r), t.datatype == "BYTES")
+                for t, r in zip(request.inputs, request.raw_input_contents, strict=True)
+            )
+            if len(self._templates) >= self.MAX_ENTRIES:
+                self._templates.clear()
+            self._templates[bytes(head)] = (request, parts, len(body) - header_length)
+        return request
 
 
 def parse_request(
@@ -154,6 +209,7 @@ def parse_request(
             + ("" if inputs is None else f", got {_kind(inputs)}")
         )
     offset = 0
+    all_binary = True
     for index, item in enumerate(inputs):
         tensor = _object(item, f"inputs[{index}]")
         name = tensor.get("name")
@@ -164,10 +220,11 @@ def parse_request(
         if not isinstance(datatype, str):
             raise InvalidArgument(f"{where}.datatype: expected a string, got {_kind(datatype)}")
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
+        if shape.__class__ is not list:
             raise InvalidArgument(f"{where}.shape: expected an array of integers")
+        for d in shape:
+            if d.__class__ is not int:  # orjson makes exact ints; bool is not one
+                raise InvalidArgument(f"{where}.shape: expected an array of integers")
         size = None
         tensor_params = tensor.get("parameters")
         if tensor_params is not None:
@@ -202,6 +259,7 @@ def parse_request(
             if datatype == "BYTES":
                 raw = bytes(raw)
         else:
+            all_binary = False
             if "data" not in tensor:
                 raise InvalidArgument(
                     f"{where}: data is required (or parameters.binary_data_size with binary "
@@ -210,6 +268,7 @@ def parse_request(
             raw = _json_data(name, datatype, shape, tensor["data"])
         request.inputs.append(Tensor(name, datatype, shape))
         request.raw_input_contents.append(raw)
+    request.all_binary = all_binary
     if offset != len(tail):
         raise InvalidArgument(
             f"the body holds {len(tail)} bytes of binary data after the JSON header; the inputs' "
@@ -244,7 +303,7 @@ def parse_request(
 
 def _count(shape: list[int]) -> int | None:
     """Elements in `shape`, or None when a dimension is negative (the codec names that)."""
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         return None
     return math.prod(shape)
 
@@ -302,12 +361,27 @@ def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> Any:
             "(null, mixed types, or integers too large)"
         )
     elif dtype.kind in "iu":
-        if kind == "f" or kind == "b":
+        if kind == "f":
+            # numpy reads [[2**64 - 1, 0], ...] as floats: exact integers still fit
+            return _integers_from_floats(name, datatype, dtype, data, array)
+        if kind == "b":
             raise InvalidArgument(f"input '{name}' of datatype {datatype}: data must hold integers")
         low, high = _INT_BOUNDS[dtype]
         if int(array.min()) < low or int(array.max()) > high:
             raise InvalidArgument(f"input '{name}': a value does not fit {datatype}")
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def _integers_from_floats(
+    name: str, datatype: str, dtype: np.dtype[Any], data: list[Any], inferred: np.ndarray
+) -> bytes:
+    try:
+        exact = np.array(data, dtype=dtype)
+    except (OverflowError, ValueError, TypeError):
+        raise InvalidArgument(f"input '{name}': a value does not fit {datatype}") from None
+    if not np.array_equal(exact.astype(np.float64), inferred):
+        raise InvalidArgument(f"input '{name}' of datatype {datatype}: data must hold integers")
+    return exact.tobytes()
 
 
 def _strings(name: str, data: list[Any]) -> list[bytes]:
