@@ -400,6 +400,34 @@ async def test_gzip_body_and_chunked_upload(
     )
 
 
+async def test_a_large_body_is_parsed_off_the_loop_and_answered(
+    app: App, session: ort.InferenceSession
+) -> None:
+    """Over 256 KiB the body is inflated and parsed in a worker thread; the answer is the same."""
+    x = np.random.default_rng(7).random((64, 15)).astype(np.float32)
+    request = infer_json(x, parameters={"note": "x" * 400_000})
+    body = json.dumps(request).encode()
+    replies = await asyncio.gather(
+        call(app.http_port, "POST", "/v2/models/churn/infer", body),
+        call(
+            app.http_port,
+            "POST",
+            "/v2/models/churn/infer",
+            gzip.compress(body),
+            headers={"Content-Encoding": "gzip"},
+        ),
+        call(app.http_port, "GET", "/v2/health/live"),
+    )
+    for reply in replies[:2]:
+        assert reply.status == 200, reply.body[:200]
+        np.testing.assert_allclose(
+            np.array(reply.json()["outputs"][1]["data"], np.float32).reshape(-1, 2),
+            expected(session, x)[1],
+            rtol=1e-6,
+        )
+    assert replies[2].status == 200
+
+
 # ---- errors: {"error": ...} with KServe's status mapping ------------------------------------
 
 

@@ -88,6 +88,11 @@ def _status(exc: ServingError) -> int:
     return STATUS.get(exc.kind, 500)
 
 
+# Bodies above this are inflated and parsed in a worker thread: orjson and zlib on a large body
+# would hold the loop for a long stretch (zlib lets go of the GIL; orjson and numpy give the
+# loop its turn at every GIL switch), so other requests keep being served meanwhile.
+OFFLOAD_BYTES = 256 * 1024
+
 _CT_JSON = (b"content-type", JSON.encode())
 _CT_OCTET = (b"content-type", OCTET_STREAM.encode())
 _CLOSE = (b"connection", b"close")
@@ -337,7 +342,10 @@ class RestApp:
                 close=True,
             )
         if encoding and encoding != b"identity":
-            body = _decompress(body, encoding, limit)
+            if len(body) > OFFLOAD_BYTES // 8:
+                body = await asyncio.to_thread(_decompress, body, encoding, limit)
+            else:
+                body = _decompress(body, encoding, limit)
         return body, header_length
 
     def _limits_for(self, served: ServedModel) -> Limits:
@@ -385,7 +393,12 @@ class RestApp:
         # REST request parsed into the shape its codec reads.
         served = self._pipeline.resolve(name, version or None)
         try:
-            request = self._parser.parse(body, header_length, name, version)
+            if len(body) > OFFLOAD_BYTES:
+                request = await asyncio.to_thread(
+                    self._parser.parse, body, header_length, name, version
+                )
+            else:
+                request = self._parser.parse(body, header_length, name, version)
             signature = served.signature
             entity_signature = served.entity_signature
             if (
