@@ -1,4 +1,5 @@
-"""`batchline registry list | show | register | promote | rollback`, against either backend.
+"""`batchline registry list | show | register | import | promote | rollback`, against either
+backend.
 
 ``server/cli.py`` mounts these with ``add_subcommands(sub)``; ``python -m registry_client.cli
 registry ...`` runs them without the server installed. Every command takes
@@ -71,6 +72,19 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     register.add_argument("--source", default="batchline registry register")
     register.add_argument("--alias", type=_alias, help="also point this alias at the new version")
     register.set_defaults(func=_guarded(cmd_register))
+
+    imp = commands.add_parser(
+        "import",
+        parents=[common],
+        help="register a Triton model repository (NAME/config.pbtxt, NAME/N/model.onnx) or a .onnx",
+    )
+    imp.add_argument("path", type=Path, metavar="DIR|FILE.onnx")
+    imp.add_argument("--name", help="the model's name (one model or a bare .onnx)")
+    imp.add_argument(
+        "--alias", type=_alias, default=DEFAULT_ALIAS, help="point it at the newest (production)"
+    )
+    imp.add_argument("--config-out", type=Path, help="write the [models.NAME] tables here")
+    imp.set_defaults(func=_guarded(cmd_import))
 
     promote = commands.add_parser(
         "promote", parents=[common], help="point an alias at a version (default: production)"
@@ -154,6 +168,33 @@ def cmd_register(args: argparse.Namespace) -> int:
     print(f"registered {mv.name} version {mv.version}  {_summary(mv)}")
     if args.alias:
         _move(registry, mv.name, args.alias, mv.version)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from registry_client.triton_repo import find_models, import_models, toml_table
+
+    models = find_models(args.path, args.name)  # everything is read before anything is written
+    registry = open_registry(args.registry)
+    imported = import_models(
+        registry, models, _read_signature, source=f"batchline registry import {args.path}"
+    )
+    tables = []
+    for item in imported:
+        for triton_version, mv in item.versions:
+            print(
+                f"imported {mv.name} Triton version {triton_version} as version {mv.version}  "
+                f"{_summary(mv)}"
+            )
+        newest = item.versions[-1][1]
+        _move(registry, newest.name, args.alias, newest.version)
+        tables.append(toml_table(item.model, f"{newest.name}@{args.alias}"))
+    text = "\n\n".join(tables) + "\n"
+    if args.config_out is not None:
+        args.config_out.write_text(text)
+        print(f"serving settings from config.pbtxt written to {args.config_out}")
+    else:
+        print("\n# batchline.toml, from config.pbtxt:\n" + text, end="")
     return 0
 
 
