@@ -33,6 +33,7 @@ from server.observability.metrics import (
     FeatureMetrics,
     Metrics,
     MirrorCollector,
+    PairLogCollector,
 )
 from server.observability.tracing import Tracing
 from server.pipeline import InferencePipeline
@@ -112,10 +113,13 @@ class App:
             self.drift = DriftProducer(
                 d.target,
                 queue_size=d.queue_size,
+                max_queue_bytes=d.max_queue_bytes,
                 chunk=d.chunk,
                 sample_ratio=d.sample_ratio,
                 clock=self.clock,
                 backoff_max_s=d.backoff_max_s,
+                token=d.resolved_token(),
+                warn_after_s=d.warn_after_s,
             )
             self.metrics.registry.register(DriftProducerCollector(self.drift))
         self.pipeline = InferencePipeline(
@@ -127,12 +131,15 @@ class App:
             tracing=active_tracing,
         )
         self.pair_log = PairLog(
-            settings.server.shadow_log_max_pairs, path=settings.server.shadow_log or None
+            settings.server.shadow_log_max_pairs,
+            path=settings.server.shadow_log or None,
+            max_memory_bytes=settings.server.shadow_log_max_memory_bytes,
         )
         self.pipeline.pair_log = self.pair_log
         self.metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
         self.models.pair_sink = self.pair_log.append  # type: ignore[method-assign]
         self.metrics.registry.register(MirrorCollector(self.models.slots))
+        self.metrics.registry.register(PairLogCollector(self.pair_log))
         self.health = Health()
         self.grpc_port = 0
         self.metrics_port = 0
