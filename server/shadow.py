@@ -38,10 +38,10 @@ DEFAULT_MAX_PAIRS = 10_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MEMORY_BYTES = 32 * 1024 * 1024
 DEFAULT_BACKUPS = 3
-# What a pair held in memory costs besides its strings and rows: the object, its tuples and
-# number objects (sys.getsizeof, rounded up). Each row adds two scores (a float object and its
+# What a pair held in memory costs besides its strings' characters and its rows: the object,
+# its five str headers, four tuples and number objects (617 bytes by sys.getsizeof; rounded up). Each row adds two scores (a float object and its
 # tuple slot: 32 bytes each) and two labels (36 each, an int object that is not cached).
-PAIR_OVERHEAD_BYTES = 400
+PAIR_OVERHEAD_BYTES = 640
 PAIR_ROW_SCORE_BYTES = 32
 PAIR_ROW_LABEL_BYTES = 36
 
