@@ -425,8 +425,11 @@ class DriftProducer:
             self._warn_if_away()
             delay = backoff_delay(failures, self._backoff_initial_s, self._backoff_max_s)
             delay *= 0.5 + 0.5 * self._random()
-            # Wake for the next "unreachable" warning, not only for the next attempt.
-            await self._pause(min(delay, max(0.0, self._next_warning_in())))
+            if not self._closing:
+                # Wake for the next "unreachable" warning too, not only for the next attempt
+                # (never sooner than the first backoff step: no busy loop).
+                delay = min(delay, max(self._backoff_initial_s, self._next_warning_in()))
+            await self._pause(delay)
 
     async def _pump(self, call: Any) -> None:
         queue = self._queue
