@@ -241,6 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
         dest="report_token_file",
+        metavar="FILE",
         help="file holding the sidecar's token (default: $BATCHLINE_DRIFT_TOKEN, "
         "$BATCHLINE_DRIFT_TOKEN_FILE)",
     )
