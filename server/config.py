@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from server.breaker import BreakerConfig
-from server.drift import DriftSettings
+from server.drift import DriftSettings, settings_from_env
 from server.drift import check_settings as check_drift
 from server.errors import ConfigError
 from server.observability.tracing import TracingSettings
@@ -156,6 +156,8 @@ class ServerSettings:
     # Where shadow pairs go besides memory (JSON lines, rotated); read by `batchline shadow report`.
     shadow_log: str = ""
     shadow_log_max_pairs: int = 10000
+    # The pairs kept in memory are bounded in bytes too (ids, per-row scores and labels).
+    shadow_log_max_memory_bytes: int = 32 * 1024 * 1024
     # Seconds between promotion-gate checks (models with gate_action other than "off").
     gate_interval_s: float = 10.0
     # The name under which this deployment's control state (routes, pinned refs) lives in the
@@ -343,6 +345,15 @@ def _check_server(s: ServerSettings) -> None:
             ) from None
         if not token:
             raise ConfigError(f"server.admin_token_file: {s.admin_token_file} is empty")
+    if s.shadow_log_max_pairs < 1:
+        raise ConfigError(
+            f"server.shadow_log_max_pairs: expected >= 1, got {s.shadow_log_max_pairs}"
+        )
+    if s.shadow_log_max_memory_bytes < 1:
+        raise ConfigError(
+            "server.shadow_log_max_memory_bytes: expected >= 1, got "
+            f"{s.shadow_log_max_memory_bytes}"
+        )
     if s.max_request_id_bytes < 1:
         raise ConfigError(
             f"server.max_request_id_bytes: expected >= 1, got {s.max_request_id_bytes}"
@@ -428,6 +439,8 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     drift = DriftSettings(**_apply("drift", _DRIFT_KEYS, data.get("drift", {})))
+    # BATCHLINE_DRIFT_TOKEN / BATCHLINE_DRIFT_TOKEN_FILE (server/drift: both ends read them).
+    drift = settings_from_env(drift, env or {})
     check_drift(drift)
 
     server_values = _apply("server", _SERVER_KEYS, data.get("server", {}))
