@@ -12,17 +12,20 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
 
 from registry_client import Registry, RegistryError, open_registry
+from registry_client.control import open_control_store
 from server.api.admin import AdminGuard, AdminServicer, resolve_admin_token
 from server.api.server import Health, TlsFiles, build_server
 from server.api.servicer import InferenceServicer
 from server.breaker import CircuitBreaker
 from server.clock import Clock, MonotonicClock
 from server.config import Settings
+from server.control import ControlPlane, LocalBus
 from server.drift.producer import DriftProducer
 from server.errors import ConfigError
 from server.features.sqlite_store import SqliteFeatureStore
@@ -33,10 +36,11 @@ from server.observability.metrics import (
     FeatureMetrics,
     Metrics,
     MirrorCollector,
+    PairLogCollector,
 )
 from server.observability.tracing import Tracing
 from server.pipeline import InferencePipeline
-from server.promotion import PromotionGate
+from server.promotion import PromotionGate, pooled_pairs
 from server.readiness import write_ready_file
 from server.shadow import PairLog
 
@@ -112,10 +116,13 @@ class App:
             self.drift = DriftProducer(
                 d.target,
                 queue_size=d.queue_size,
+                max_queue_bytes=d.max_queue_bytes,
                 chunk=d.chunk,
                 sample_ratio=d.sample_ratio,
                 clock=self.clock,
                 backoff_max_s=d.backoff_max_s,
+                token=d.resolved_token(),
+                warn_after_s=d.warn_after_s,
             )
             self.metrics.registry.register(DriftProducerCollector(self.drift))
         self.pipeline = InferencePipeline(
@@ -126,13 +133,29 @@ class App:
             drift=self.drift,
             tracing=active_tracing,
         )
+        srv = settings.server
+        self.bus = (
+            LocalBus(srv.worker_dir, srv.worker_index, srv.worker_count)
+            if srv.worker_count > 1 and srv.worker_dir
+            else None
+        )
+        try:
+            control_store = open_control_store(self.registry, srv.deployment)
+        except RegistryError as exc:
+            raise ConfigError(f"server.deployment: {exc}") from exc
+        self.control = ControlPlane(
+            self.models, control_store, bus=self.bus, poll_interval_s=srv.poll_interval_s
+        )
         self.pair_log = PairLog(
-            settings.server.shadow_log_max_pairs, path=settings.server.shadow_log or None
+            srv.shadow_log_max_pairs,
+            path=self._pair_log_path(srv.worker_index),
+            max_memory_bytes=srv.shadow_log_max_memory_bytes,
         )
         self.pipeline.pair_log = self.pair_log
         self.metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
         self.models.pair_sink = self.pair_log.append  # type: ignore[method-assign]
         self.metrics.registry.register(MirrorCollector(self.models.slots))
+        self.metrics.registry.register(PairLogCollector(self.pair_log))
         self.health = Health()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -143,7 +166,18 @@ class App:
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
         self._gate: asyncio.Task[None] | None = None
+        self._control_task: asyncio.Task[None] | None = None
         self._servicer: InferenceServicer | None = None
+
+    def _pair_log_path(self, index: int) -> str | None:
+        """Where worker `index` writes its shadow pairs: `shadow_log` (`.w<index>` with several
+        workers, which then always write one, in their folder by default, so the promotion gate
+        in worker 0 can judge every worker's pairs)."""
+        srv = self.settings.server
+        if self.bus is None:
+            return srv.shadow_log or None
+        base = srv.shadow_log or os.path.join(srv.worker_dir, "pairs.jsonl")
+        return f"{base}.w{index}"
 
     @property
     def ready(self) -> bool:
@@ -152,7 +186,8 @@ class App:
     async def start(self) -> None:
         server_settings = self.settings.server
         for model in self.settings.models:
-            await self.models.load(model)
+            await self.models.load(await self.control.configure(model))
+        await self.control.started()
         admin_guard = AdminGuard(
             resolve_admin_token(server_settings.admin_token, server_settings.admin_token_file),
             server_settings.host,
@@ -164,7 +199,7 @@ class App:
             max_tensor_elements=server_settings.max_tensor_elements,
             max_request_id_bytes=server_settings.max_request_id_bytes,
             is_ready=lambda: self._ready,
-            admin_guard=admin_guard,
+            control=self.control,
             tracing=self.tracing if self.tracing.enabled else None,
         )
         self._server, self.grpc_port = build_server(
@@ -174,7 +209,8 @@ class App:
             port=server_settings.grpc_port,
             max_message_bytes=server_settings.max_message_bytes,
             reuse_port=server_settings.workers > 1,
-            admin=AdminServicer(self.models, admin_guard),
+            admin=AdminServicer(self.models, self.control),
+            guard=admin_guard,
             tls=TlsFiles(server_settings.tls_cert, server_settings.tls_key, server_settings.tls_ca)
             if server_settings.tls_cert
             else None,
@@ -194,12 +230,24 @@ class App:
             )
             self.metrics_port = self._http.server_port
         await self.models.start_mirrors()
-        if any(m.gate_action != "off" for m in self.settings.models):
-            self._gate = asyncio.create_task(
-                PromotionGate(self.models, self.pair_log).run(server_settings.gate_interval_s)
+        gated = any(m.gate_action != "off" for m in self.settings.models)
+        if gated and server_settings.worker_index == 0:
+            others = [
+                Path(p)
+                for i in range(1, server_settings.worker_count)
+                if (p := self._pair_log_path(i)) is not None
+            ]
+            gate = PromotionGate(
+                self.models,
+                self.pair_log,
+                contents=pooled_pairs(self.pair_log, others),
+                control=self.control,
             )
+            self._gate = asyncio.create_task(gate.run(server_settings.gate_interval_s))
         if server_settings.poll_interval_s > 0:
             self._watcher = asyncio.create_task(self.models.watch(server_settings.poll_interval_s))
+        if self.control.shared:
+            self._control_task = asyncio.create_task(self.control.run())
         self._ready = True
         await self.health.set_serving(True)
         log.info(
@@ -232,6 +280,8 @@ class App:
             self._watcher.cancel()
         if self._gate is not None:
             self._gate.cancel()
+        if self._control_task is not None:
+            self._control_task.cancel()
         self.pipeline.stop_accepting()
         await self.health.set_serving(False)
         try:

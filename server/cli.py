@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +55,12 @@ def _worker(settings: Settings, index: int) -> None:
         replace(
             settings,
             server=replace(
-                server, metrics_port=metrics_port, metrics_host="127.0.0.1", ready_file=ready_file
+                server,
+                metrics_port=metrics_port,
+                metrics_host="127.0.0.1",
+                ready_file=ready_file,
+                worker_index=index,
+                worker_count=server.workers,
             ),
         )
     )
@@ -61,6 +69,11 @@ def _worker(settings: Settings, index: int) -> None:
 def _serve_workers(settings: Settings) -> int:
     """N processes on one port (SO_REUSEPORT); the parent forwards SIGTERM/SIGINT and waits."""
     ctx = multiprocessing.get_context("spawn")
+    # The folder the workers coordinate through (control-state bumps and acks, shadow pairs
+    # for the promotion gate in worker 0): private to this server, removed when it exits.
+    worker_dir = tempfile.mkdtemp(prefix="batchline-workers-")
+    atexit.register(shutil.rmtree, worker_dir, True)
+    settings = replace(settings, server=replace(settings.server, worker_dir=worker_dir))
     procs = [
         ctx.Process(target=_worker, args=(settings, i), name=f"batchline-{i}")
         for i in range(settings.server.workers)

@@ -24,6 +24,7 @@ that names the key, e.g. `models.churn.max_batch_size: expected an integer >= 1,
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from server.breaker import BreakerConfig
-from server.drift import DriftSettings
+from server.drift import DriftSettings, settings_from_env
 from server.drift import check_settings as check_drift
 from server.errors import ConfigError
 from server.observability.tracing import TracingSettings
@@ -155,8 +156,19 @@ class ServerSettings:
     # Where shadow pairs go besides memory (JSON lines, rotated); read by `batchline shadow report`.
     shadow_log: str = ""
     shadow_log_max_pairs: int = 10000
+    # The pairs kept in memory are bounded in bytes too (ids, per-row scores and labels).
+    shadow_log_max_memory_bytes: int = 32 * 1024 * 1024
     # Seconds between promotion-gate checks (models with gate_action other than "off").
     gate_interval_s: float = 10.0
+    # The name under which this deployment's control state (routes, pinned refs) lives in the
+    # registry beside the aliases; every worker and replica of one deployment shares it, two
+    # deployments on one registry (staging, production) must not.
+    deployment: str = "default"
+    # Set by `--workers N`'s parent for each worker (not configuration): this worker's index,
+    # how many there are, and the folder they coordinate through (server/control.LocalBus).
+    worker_index: int = 0
+    worker_count: int = 1
+    worker_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,7 @@ _ENV = {
     "BATCHLINE_ADMIN_TOKEN": "admin_token",
     "BATCHLINE_ADMIN_TOKEN_FILE": "admin_token_file",
     "BATCHLINE_FEATURE_STORE": "feature_store",
+    "BATCHLINE_DEPLOYMENT": "deployment",
 }
 
 
@@ -310,6 +323,11 @@ def _check_server(s: ServerSettings) -> None:
         raise ConfigError(
             "server.workers: several workers share one port; set server.grpc_port (not 0)"
         )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", s.deployment):
+        raise ConfigError(
+            f"server.deployment: expected a name of letters, digits, '_', '.', '-' (up to 63), "
+            f"got {s.deployment!r}"
+        )
     if s.grace_period_s < 0:
         raise ConfigError(f"server.grace_period_s: expected >= 0, got {s.grace_period_s}")
     if s.max_message_bytes < 1024:
@@ -327,6 +345,15 @@ def _check_server(s: ServerSettings) -> None:
             ) from None
         if not token:
             raise ConfigError(f"server.admin_token_file: {s.admin_token_file} is empty")
+    if s.shadow_log_max_pairs < 1:
+        raise ConfigError(
+            f"server.shadow_log_max_pairs: expected >= 1, got {s.shadow_log_max_pairs}"
+        )
+    if s.shadow_log_max_memory_bytes < 1:
+        raise ConfigError(
+            "server.shadow_log_max_memory_bytes: expected >= 1, got "
+            f"{s.shadow_log_max_memory_bytes}"
+        )
     if s.max_request_id_bytes < 1:
         raise ConfigError(
             f"server.max_request_id_bytes: expected >= 1, got {s.max_request_id_bytes}"
@@ -412,6 +439,8 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     drift = DriftSettings(**_apply("drift", _DRIFT_KEYS, data.get("drift", {})))
+    # BATCHLINE_DRIFT_TOKEN / BATCHLINE_DRIFT_TOKEN_FILE (server/drift: both ends read them).
+    drift = settings_from_env(drift, env or {})
     check_drift(drift)
 
     server_values = _apply("server", _SERVER_KEYS, data.get("server", {}))

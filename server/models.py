@@ -61,6 +61,9 @@ class ServedModel:
     # One row of each output, in signature order, answered while the breaker is open.
     static_fallback: list[np.ndarray] | None = None
     in_flight: int = 0
+    # The transport's per-version decode state (server/api/codec.Limits and its plans): kept
+    # here so it is released with the version, and found with one attribute read.
+    decode_state: Any = None
 
     @property
     def signature(self) -> ModelSignature:

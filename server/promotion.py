@@ -8,6 +8,11 @@ shadow joined the route (same primary version) are compared (server/shadow.py) a
 registry and reloads (the shadow becomes the primary, through the usual safe swap), and
 "rollback" removes the shadow from the route. Canary versions yield no pairs; gate them by
 hand (`batchline registry promote`).
+
+With `--workers N` the gate runs in worker 0 alone and judges the pairs of every worker (each
+writes its pairs to a log file in the workers' folder; `pooled_pairs` reads them together), so
+the decision is made once, on all the traffic; its action goes through the control plane, which
+every worker follows.
 """
 
 from __future__ import annotations
@@ -15,23 +20,68 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.errors import ServingError
 from server.models import ModelManager
-from server.shadow import GateConfig, GateDecision, PairLog, compare, evaluate_gate
+from server.shadow import (
+    GateConfig,
+    GateDecision,
+    LogContents,
+    PairLog,
+    compare,
+    evaluate_gate,
+    read_log,
+)
+
+if TYPE_CHECKING:
+    from server.control import ControlPlane
 
 log = logging.getLogger(__name__)
 
 
+def pooled_pairs(own: PairLog, others: Sequence[Path]) -> Callable[[], LogContents]:
+    """This worker's pairs (memory) and every other worker's (their log files), together."""
+
+    def contents() -> LogContents:
+        out = own.contents()
+        for path in others:
+            try:
+                theirs = read_log(path)
+            except FileNotFoundError:
+                continue  # that worker has written no pair yet
+            out.pairs.extend(theirs.pairs)
+            for model, n in theirs.shed.items():
+                out.shed[model] = out.shed.get(model, 0) + n
+            for key, n in theirs.failures.items():
+                out.failures[key] = out.failures.get(key, 0) + n
+            out.skipped_lines += theirs.skipped_lines
+        return out
+
+    return contents
+
+
 class PromotionGate:
     def __init__(
-        self, models: ModelManager, pair_log: PairLog, *, count_from_ns: int | None = None
+        self,
+        models: ModelManager,
+        pair_log: PairLog,
+        *,
+        count_from_ns: int | None = None,
+        contents: Callable[[], LogContents] | None = None,
+        control: ControlPlane | None = None,
     ) -> None:
         """`count_from_ns`: pairs older than this never count (default: from each shadow's
-        first check, so a route change starts a fresh judgement)."""
+        first check, so a route change starts a fresh judgement). `contents`: where the pairs
+        come from (default: `pair_log`'s memory; `pooled_pairs` for several workers).
+        `control`: the control plane its actions go through (default: this process alone)."""
         self._models = models
         self._pairs = pair_log
+        self._contents = contents or pair_log.contents
+        self._control = control
         self._count_from = count_from_ns
         # When each (model, shadow version) joined its current route (pairs before don't count).
         self._since: dict[tuple[str, str, str], int] = {}
@@ -44,7 +94,7 @@ class PromotionGate:
         if settings.gate_action == "off" or route is None or not route.shadows:
             return {}
         config = GateConfig.from_dict(settings.gate)
-        contents = self._pairs.contents()
+        contents = self._contents()
         decisions = {}
         for spec in route.shadows:
             key = (name, route.primary, spec.version)
@@ -90,10 +140,17 @@ class PromotionGate:
             await asyncio.get_running_loop().run_in_executor(
                 None, registry.set_alias, name, alias, version
             )
-            await self._models.reload(name)
+            if self._control is not None:
+                await self._control.reload(name)
+            else:
+                await self._models.reload(name)
         else:
             shadows = tuple(s for s in route.shadows if s.version != version)
-            await self._models.set_route(name, replace(route, shadows=shadows))
+            new_route = replace(route, shadows=shadows)
+            if self._control is not None:
+                await self._control.set_route(name, new_route)
+            else:
+                await self._models.set_route(name, new_route)
 
     async def run(self, interval_s: float) -> None:
         """Check every gated model every `interval_s`, until cancelled; errors are logged."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,14 @@ def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo-registry")
     build_demo(root, quick=True)
     return root
+
+
+@pytest.fixture(autouse=True)
+def control_deployment(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A deployment name of this test's own: control state (routes, pinned refs) lives in the
+    registry per deployment, and the demo registry is shared by the session, so a route one
+    test sets must not reach the next test's servers (in process or spawned: the environment
+    carries it)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("BATCHLINE_DEPLOYMENT", name)
+    return name

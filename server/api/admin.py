@@ -1,4 +1,5 @@
-"""batchline.admin.v1.AdminService: reload, routes and status, behind one AdminGuard."""
+"""batchline.admin.v1.AdminService: reload, routes and status, behind one AdminGuard
+(applied to every method where the handlers are built: server/api/server.guarded)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 from server._proto import admin_pb2 as pb
 from server._proto import admin_pb2_grpc as pb_grpc
 from server.api.status import abort
+from server.control import ControlPlane
 from server.errors import InvalidArgument, ServingError
 from server.models import ModelManager, ModelSlot
 from server.routing import Route, ShadowSpec
@@ -46,9 +48,10 @@ class AdminGuard:
     - No token on any other address: every admin RPC is refused (PERMISSION_DENIED, saying how
       to set a token), unless `admin_insecure = true`, which logs a warning at start-up.
 
-    Not a gRPC interceptor: grpc.aio runs an interceptor for every call, ModelInfer included,
-    and the admin methods are few; one guard object shared by all of them keeps the policy in
-    one place without a cost on the inference path.
+    Applied once, where the handlers are built (server/api/server.guarded wraps every
+    AdminService method and the inference service's admin methods), so no method can forget
+    it. Not a gRPC interceptor: grpc.aio runs an interceptor for every call, ModelInfer
+    included, at a cost on the inference path.
     """
 
     def __init__(self, token: str, host: str, *, insecure: bool = False) -> None:
@@ -131,14 +134,19 @@ def model_state(slot: ModelSlot) -> Any:
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
-    def __init__(self, models: ModelManager, guard: AdminGuard) -> None:
+    """Reads answer from this worker's state; writes (ReloadModel, SetRoute) go through the
+    control plane, which answers once every local worker has applied them."""
+
+    def __init__(self, models: ModelManager, control: ControlPlane | None = None) -> None:
         self._models = models
-        self._guard = guard
+        self._control = control
 
     async def ReloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._guard.check(context)
         try:
-            outcome = await self._models.reload(request.model, request.ref or None)
+            if self._control is not None:
+                outcome = await self._control.reload(request.model, request.ref or None)
+            else:
+                outcome = await self._models.reload(request.model, request.ref or None)
         except ServingError as exc:
             await abort(context, exc)
         return pb.ReloadModelResponse(
@@ -150,7 +158,6 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
         )
 
     async def GetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._guard.check(context)
         try:
             served = self._models.get(request.model)
         except ServingError as exc:
@@ -159,7 +166,6 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
         return _route_message(route)
 
     async def SetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._guard.check(context)
         try:
             served = self._models.get(request.model)
             try:
@@ -174,13 +180,15 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
                 )
             except ValueError as exc:
                 raise InvalidArgument(f"route for {request.model}: {exc}") from exc
-            route = await self._models.set_route(request.model, route)
+            if self._control is not None:
+                route = await self._control.set_route(request.model, route)
+            else:
+                route = await self._models.set_route(request.model, route)
         except ServingError as exc:
             await abort(context, exc)
         return _route_message(route)
 
     async def ModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._guard.check(context)
         slots = self._models.slots
         if request.model:
             slot = slots.get(request.model)

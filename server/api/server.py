@@ -9,12 +9,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server._proto import admin_pb2_grpc
+from server._proto import admin_pb2
 from server._proto import inference_pb2 as pb
-from server.api.admin import AdminServicer
+from server.api.admin import AdminGuard, AdminServicer
 from server.api.servicer import InferenceServicer
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+ADMIN_SERVICE_NAME = "batchline.admin.v1.AdminService"
+# The inference service's methods that change what is served: the admin guard applies to them
+# exactly as to every AdminService method.
+ADMIN_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 
 
 class Health:
@@ -56,13 +60,34 @@ def _serialize(message: Any) -> bytes:
     return message if message.__class__ is bytes else message.SerializeToString()
 
 
-def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """One handler per RPC of the service in proto/inference.proto, bound to `servicer`."""
+def guarded(behaviour: Any, guard: AdminGuard) -> Any:
+    """`behaviour` behind the admin guard: the one place admin auth is applied, when the
+    handlers are built (a server interceptor would run for every ModelInfer too)."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await guard.check(context)
+        return await behaviour(request, context)
+
+    return call
+
+
+def method_handlers(
+    servicer: Any,
+    *,
+    module: Any = pb,
+    service_name: str = "GRPCInferenceService",
+    guard: AdminGuard | None = None,
+    admin_methods: frozenset[str] | None = ADMIN_METHODS,
+) -> dict[str, grpc.RpcMethodHandler]:
+    """One handler per RPC of a service in proto/ (inference by default), bound to
+    `servicer`; the `admin_methods` (None: all of them) go through `guard`."""
     handlers = {}
-    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    service = module.DESCRIPTOR.services_by_name[service_name]
     for method in service.methods:
-        request_type = getattr(pb, method.input_type.name)
+        request_type = getattr(module, method.input_type.name)
         behaviour = getattr(servicer, method.name)
+        if guard is not None and (admin_methods is None or method.name in admin_methods):
+            behaviour = guarded(behaviour, guard)
         if method.client_streaming and method.server_streaming:
             make = grpc.stream_stream_rpc_method_handler
         elif method.client_streaming or method.server_streaming:
@@ -84,6 +109,7 @@ def build_server(
     max_message_bytes: int,
     reuse_port: bool,
     admin: AdminServicer | None = None,
+    guard: AdminGuard | None = None,
     tls: TlsFiles | None = None,
     max_connection_age_s: float = 0.0,
     max_connection_age_grace_s: float = 30.0,
@@ -116,12 +142,22 @@ def build_server(
             else []
         ),
     )
-    handlers = method_handlers(servicer)
+    handlers = method_handlers(servicer, guard=guard)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
     if admin is not None:
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        admin_handlers = method_handlers(
+            admin,
+            module=admin_pb2,
+            service_name="AdminService",
+            guard=guard,
+            admin_methods=None,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, admin_handlers),)
+        )
+        server.add_registered_method_handlers(ADMIN_SERVICE_NAME, admin_handlers)
     address = f"{host}:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,11 +13,11 @@ import grpc
 from server import __version__
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.api.admin import AdminGuard
 from server.api.codec import Limits, decode_request, encode_result
 from server.api.status import abort
 from server.api.wire import RawResponseEncoder, stream_reply
 from server.clock import Clock
+from server.control import ControlPlane
 from server.errors import InvalidArgument, ServingError
 from server.models import ServedModel
 from server.pipeline import InferencePipeline
@@ -54,11 +53,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         max_tensor_elements: int,
         max_request_id_bytes: int = 256,
         is_ready: Callable[[], bool],
-        admin_guard: AdminGuard | None = None,
+        control: ControlPlane | None = None,
         tracing: Any = None,
     ) -> None:
-        # Who may call RepositoryModelLoad/Unload: the one guard the admin service uses too.
-        self._admin_guard = admin_guard if admin_guard is not None else AdminGuard("", "127.0.0.1")
+        # Where RepositoryModelLoad goes (every worker and replica follows it); None: this
+        # process's models alone.
+        self._control = control
         # server/observability/tracing.Tracing when tracing is on; None costs one check.
         self._tracing = tracing
         self._pipeline = pipeline
@@ -66,8 +66,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._max_elements = max_tensor_elements
         self._max_id_bytes = max_request_id_bytes
         self._is_ready = is_ready
-        # Per served version; weak keys, so a retired version's plans die with it.
-        self._limits: weakref.WeakKeyDictionary[ServedModel, Limits] = weakref.WeakKeyDictionary()
         self._wire = RawResponseEncoder()
         # When the last inference call arrived (the drain waits for a quiet moment).
         self.last_call = clock.now()
@@ -78,13 +76,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if not request.model_name:
             raise InvalidArgument("model_name is required")
         served = self._pipeline.resolve(request.model_name, request.model_version)
-        limits = self._limits.get(served)
+        limits = served.decode_state
         if limits is None:
-            limits = self._limits[served] = Limits(
+            limits = served.decode_state = Limits(
                 served.max_batch_size, self._max_elements, self._max_id_bytes
             )
         deadline = None if remaining is None else self._clock.now() + remaining
-        signature = served.signature
         entity_signature = served.entity_signature
         if (
             entity_signature is not None
@@ -92,6 +89,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             and request.inputs[0].name == entity_signature.inputs[0].name
         ):
             signature = entity_signature
+        else:
+            signature = served.runtime.signature
         try:
             # version None: the caller named no version, so routing (canary) may choose one.
             decoded = decode_request(
@@ -359,15 +358,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's load: re-resolve the model's ref in the registry and swap if it moved."""
-        await self._admin_guard.check(context)
         try:
-            await self._pipeline.models.reload(request.model_name)
+            if self._control is not None:
+                await self._control.reload(request.model_name)
+            else:
+                await self._pipeline.models.reload(request.model_name)
         except ServingError as exc:
             await abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._admin_guard.check(context)
         await context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"batchline serves the models it was configured with; '{request.model_name}' "

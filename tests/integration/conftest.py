@@ -84,6 +84,7 @@ async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
                 "metrics_port": 0,
                 "grace_period_s": grace_period_s,
                 "poll_interval_s": 0.0,
+                "deployment": os.environ["BATCHLINE_DEPLOYMENT"],
                 **(server or {}),
             },
             model_refs=models,

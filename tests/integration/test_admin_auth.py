@@ -131,3 +131,11 @@ def test_an_unreadable_or_empty_token_file_is_a_config_error_naming_it(tmp_path:
     empty.write_text("\n")
     with pytest.raises(ConfigError, match=r"server\.admin_token_file: .*empty is empty"):
         load_settings(None, server_overrides={"admin_token_file": str(empty)})
+
+
+def test_the_table_covers_every_admin_rpc_the_server_guards() -> None:
+    """A new AdminService method (or a new guarded inference method) must join ADMIN_CALLS."""
+    from server.api.server import ADMIN_METHODS
+
+    service = admin.DESCRIPTOR.services_by_name["AdminService"]
+    assert set(ADMIN_CALLS) == {m.name for m in service.methods} | ADMIN_METHODS

@@ -90,3 +90,38 @@ async def test_gate_action_log_decides_without_acting(
     assert FileRegistry(registry).aliases("churn")["production"] == "1"
     assert "not applied" in caplog.text
     assert "label_agreement=" in caplog.text
+
+
+async def test_the_gate_judges_the_pairs_of_every_worker_together(
+    start_app: AppFactory, demo_registry: Path, tmp_path: Path
+) -> None:
+    """With --workers N the gate runs once, in worker 0, on every worker's pairs: 60 pairs here
+    and 60 in another worker's log file pass min_requests = 100; either half alone waits."""
+    from server.promotion import pooled_pairs
+    from server.shadow import PairLog
+
+    app, registry = await _mirrored(
+        start_app, demo_registry, tmp_path, 'gate_action = "apply"\n' + LOOSE
+    )
+    pairs = app.pair_log.pairs()
+    assert len(pairs) == 120
+    mine, theirs_path = PairLog(1000), tmp_path / "pairs.jsonl.w1"
+    theirs = PairLog(1000, path=theirs_path)
+    for pair in pairs[:60]:
+        mine.append(pair)
+    for pair in pairs[60:]:
+        theirs.append(pair)
+    theirs.close()
+
+    alone = PromotionGate(app.models, mine, count_from_ns=0)
+    assert (await alone.check("churn"))["2"].action == "wait"
+    pooled = PromotionGate(
+        app.models,
+        mine,
+        count_from_ns=0,
+        contents=pooled_pairs(mine, [theirs_path]),
+        control=app.control,
+    )
+    assert (await pooled.check("churn"))["2"].action == "promote"
+    assert FileRegistry(registry).aliases("churn")["production"] == "2"
+    assert app.models.get("churn").key.version == "2"

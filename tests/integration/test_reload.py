@@ -22,7 +22,7 @@ from server._proto import admin_pb2_grpc as admin_grpc
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
-from server.errors import FailedPrecondition, InvalidArgument
+from server.errors import FailedPrecondition, InvalidArgument, ModelError
 
 TOKEN = "s3cret-admin-token"
 
@@ -312,10 +312,12 @@ async def test_retired_versions_are_released_and_their_metric_series_removed(
     drained (weak references die), and /metrics keeps series of the served version only."""
     app = await start_app(models=("churn@1",), registry=registry)
     retired: list[weakref.ref[Any]] = []
+    runtimes = []  # held on purpose: retiring must release their sessions even so
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for ref in ["churn@2", "churn@1"] * 4:
             retired.append(weakref.ref(app.models.get("churn")))
+            runtimes.append(app.models.get("churn").runtime)
             await app.models.reload("churn", ref)
             replies = await asyncio.gather(
                 *(stub.ModelInfer(_request(), timeout=10) for _ in range(20))
@@ -325,6 +327,9 @@ async def test_retired_versions_are_released_and_their_metric_series_removed(
     gc.collect()
     alive = [r() for r in retired if r() is not None]
     assert alive == [], f"{len(alive)} retired versions still referenced"
+    assert all(r._session is None for r in runtimes)  # released at retirement, not at GC
+    with pytest.raises(ModelError):
+        runtimes[0].run({"input": np.zeros((1, 15), np.float32)})
     served = app.models.get("churn")
     assert served.key.version == "1"
     text = generate_latest(app.metrics.registry).decode()

@@ -97,3 +97,80 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def _start_workers(
+    registry: Path, tmp_path: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], int, list[int]]:
+    (grpc_port,) = _free_ports(1)
+    metrics_port, *worker_ports = _free_ports(3)
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
+         "--model", "churn@production", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+         "--metrics-port", str(metrics_port), "--workers", "2", "--ready-file", str(ready),
+         *extra],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not all(Path(f"{ready}.{i}").exists() for i in range(2)):
+        assert proc.poll() is None, "the server exited"
+        assert time.monotonic() < deadline, "workers not ready"
+        time.sleep(0.05)
+    return proc, grpc_port, worker_ports
+
+
+def _fresh_answers(grpc_port: int, calls: int) -> list[tuple[str, str, str]]:
+    """(route canary, status version, inference version) seen on `calls` new connections."""
+    from server._proto import admin_pb2 as admin_pb
+    from server._proto import admin_pb2_grpc as admin_grpc
+
+    request = pb.ModelInferRequest(model_name="churn")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
+    request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+    seen = []
+    for n in range(calls):
+        options = [("grpc.use_local_subchannel_pool", 1), ("test.conn", n)]
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=options) as channel:
+            admin = admin_grpc.AdminServiceStub(channel)
+            route = admin.GetRoute(admin_pb.GetRouteRequest(model="churn"), timeout=10)
+            status = admin.ModelStatus(admin_pb.ModelStatusRequest(model="churn"), timeout=10)
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+            seen.append((route.canary, status.models[0].version, reply.model_version))
+    return seen
+
+
+def test_set_route_and_reload_reach_every_worker_before_the_answer(
+    demo_registry: Path, tmp_path: Path
+) -> None:
+    """One admin call, one state: every fresh connection (spread over both workers by
+    SO_REUSEPORT) sees the route and the reloaded version as soon as the call has answered."""
+    from server._proto import admin_pb2 as admin_pb
+    from server._proto import admin_pb2_grpc as admin_grpc
+
+    proc, grpc_port, worker_ports = _start_workers(demo_registry, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            admin = admin_grpc.AdminServiceStub(channel)
+            admin.SetRoute(
+                admin_pb.RouteSpec(model="churn", canary="2", canary_percent=100.0), timeout=60
+            )
+        assert set(_fresh_answers(grpc_port, 16)) == {("2", "1", "2")}
+
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            admin = admin_grpc.AdminServiceStub(channel)
+            admin.SetRoute(admin_pb.RouteSpec(model="churn"), timeout=60)
+            reply = admin.ReloadModel(
+                admin_pb.ReloadModelRequest(model="churn", ref="churn@2"), timeout=60
+            )
+            assert (reply.version, reply.changed) == ("2", True)
+        assert set(_fresh_answers(grpc_port, 16)) == {("", "2", "2")}
+
+        ok_v2 = (("model", "churn"), ("status", "OK"), ("version", "2"))
+        per_worker = [
+            _samples(p).get(("batchline_requests_total", ok_v2), 0.0) for p in worker_ports
+        ]
+        assert all(count > 0 for count in per_worker), per_worker  # both workers answered
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
