@@ -1,4 +1,6 @@
-"""`batchline registry list | show | register | promote | rollback`, against either backend.
+"""`batchline registry list | show | register | promote | rollback | verify | rehash`.
+
+Every command but ``rehash`` (file registry only) works against either backend.
 
 ``server/cli.py`` mounts these with ``add_subcommands(sub)``; ``python -m registry_client.cli
 registry ...`` runs them without the server installed. Every command takes
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from registry_client.errors import RegistryError
+from registry_client.file_registry import FileRegistry
 from registry_client.open import open_registry
 from registry_client.protocol import Registry
 from registry_client.refs import DEFAULT_ALIAS, validate_alias, validate_version
@@ -70,6 +73,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     register.add_argument("--description", default="")
     register.add_argument("--source", default="batchline registry register")
     register.add_argument("--alias", type=_alias, help="also point this alias at the new version")
+    register.add_argument(
+        "--attach",
+        action="append",
+        default=[],
+        type=_attachment,
+        metavar="[NAME=]PATH",
+        help="a file registered with the version (feature_view.json, profile.json, ...); "
+        "its name in the version defaults to the file's name",
+    )
     register.set_defaults(func=_guarded(cmd_register))
 
     promote = commands.add_parser(
@@ -86,6 +98,24 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     back.add_argument("name")
     back.add_argument("--alias", type=_alias, default=DEFAULT_ALIAS)
     back.set_defaults(func=_guarded(cmd_rollback))
+
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="check every file of a version against its manifest, as the server does on load",
+    )
+    verify.add_argument("ref", help="NAME, NAME@ALIAS or NAME@VERSION")
+    verify.set_defaults(func=_guarded(cmd_verify))
+
+    rehash = commands.add_parser(
+        "rehash",
+        parents=[common],
+        help="write a manifest for a version registered before manifests (file registry), "
+        "after you checked its folder",
+    )
+    rehash.add_argument("name")
+    rehash.add_argument("version", type=_version)
+    rehash.set_defaults(func=_guarded(cmd_rehash))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -150,6 +180,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         features=features,
         source=args.source,
         description=args.description,
+        attachments=dict(args.attach),
     )
     print(f"registered {mv.name} version {mv.version}  {_summary(mv)}")
     if args.alias:
@@ -168,6 +199,45 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     before = registry.aliases(args.name).get(args.alias, "-")
     target = rollback(registry, args.name, args.alias)
     print(f"{args.name}@{args.alias}: rolled back {before} -> {target}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry)
+    mv = registry.resolve(args.ref)
+    registry.fetch(mv)
+    if not mv.files:
+        print(
+            f"{mv.name} version {mv.version}: model.onnx verified (sha256={mv.sha256[:12]}); "
+            "registered before manifests, so its other files are not: check them and run "
+            f"`{PROG} rehash {mv.name} {mv.version}`"
+        )
+        return 0
+    print(
+        f"{mv.name} version {mv.version}: {len(mv.files)} files verified, "
+        f"manifest sha256={mv.manifest_sha256}"
+    )
+    return 0
+
+
+def cmd_rehash(args: argparse.Namespace) -> int:
+    registry = open_registry(args.registry)
+    if not isinstance(registry, FileRegistry):
+        raise RegistryError(
+            f"rehash writes a file registry's metadata; {args.registry} is not one (register the "
+            "model again to give it a manifest)"
+        )
+    mv = registry.rehash(args.name, args.version)
+    print(f"{mv.name} version {mv.version}: manifest written, sha256={mv.manifest_sha256}")
+    for relative, digest in sorted(mv.files.items()):
+        kind = (
+            "model"
+            if relative == "model.onnx"
+            else "external data"
+            if relative in mv.external_data
+            else "attachment"
+        )
+        print(f"  {digest}  {relative}  ({kind})")
     return 0
 
 
@@ -218,7 +288,12 @@ def _read_signature(path: Path) -> Signature:
 def _summary(mv: ModelVersion) -> str:
     metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(mv.metrics.items()))
     inputs = ", ".join(f"{t.name}:{t.datatype}{list(t.shape)}" for t in mv.signature.inputs)
-    parts = [mv.created, f"sha256={mv.sha256[:12]}", f"inputs {inputs or '-'}", metrics]
+    files = (
+        f"manifest={mv.manifest_sha256[:12]} ({len(mv.files)} files)"
+        if mv.files
+        else "manifest=- (registered before manifests)"
+    )
+    parts = [mv.created, f"sha256={mv.sha256[:12]}", files, f"inputs {inputs or '-'}", metrics]
     return "  ".join(p for p in parts if p)
 
 
@@ -244,6 +319,15 @@ def _metric(text: str) -> tuple[str, float]:
 
 def _tag(text: str) -> tuple[str, str]:
     return _key_value(text)
+
+
+def _attachment(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = Path(text).name, text
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected [NAME=]PATH, got {text!r}")
+    return name, Path(path)
 
 
 def _alias(text: str) -> str:

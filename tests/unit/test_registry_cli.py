@@ -262,3 +262,117 @@ def test_open_registry_default_cache_is_per_server(
 def test_open_registry_refuses_what_it_cannot_open(spec: str) -> None:
     with pytest.raises(RegistryError):
         open_registry(spec)
+
+
+# -- manifests: attach, verify, rehash ----------------------------------------------------------
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_register_attaches_files_and_verify_checks_every_file(
+    cli: Cli, root: Path, onnx_file: Path, tmp_path: Path
+) -> None:
+    view = tmp_path / "feature_view.json"
+    view.write_text("{}\n")
+    profile = tmp_path / "p.json"
+    profile.write_text("[]\n")
+    code, out, err = cli(
+        "register", "churn", str(onnx_file), "--attach", str(view),
+        "--attach", f"profile.json={profile}",
+    )  # fmt: skip
+    assert code == 0, err
+    mv = FileRegistry(root).get_version("churn", "1")
+    assert mv.files == {
+        "model.onnx": _sha(onnx_file),
+        "feature_view.json": _sha(view),
+        "profile.json": _sha(profile),
+    }
+    assert f"manifest={mv.manifest_sha256[:12]} (3 files)" in out
+    code, out, err = cli("verify", "churn@1")
+    assert (code, out.strip()) == (
+        0,
+        f"churn version 1: 3 files verified, manifest sha256={mv.manifest_sha256}",
+    )
+
+    tampered = root / "churn" / "1" / "feature_view.json"
+    tampered.write_text('{"x": 1}\n')
+    code, _, err = cli("verify", "churn@1")
+    assert code == 1
+    assert str(tampered) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", ["=x.json", "name="])
+def test_register_rejects_a_malformed_attach(cli: Cli, onnx_file: Path, bad: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli("register", "churn", str(onnx_file), "--attach", bad)
+    assert exc.value.code == 2
+
+
+def test_rehash_writes_a_manifest_for_a_legacy_version_and_refuses_a_second_time(
+    cli: Cli, root: Path, onnx_file: Path
+) -> None:
+    cli("register", "churn", str(onnx_file))
+    folder = root / "churn" / "1"
+    doc = json.loads((folder / "metadata.json").read_text())
+    for key in ("files", "manifest_sha256", "external_data"):
+        del doc[key]
+    doc["schema"] = 1
+    (folder / "metadata.json").write_text(json.dumps(doc))
+    (folder / "feature_view.json").write_text("{}\n")  # copied in by hand, as before manifests
+
+    code, out, _ = cli("verify", "churn@1")
+    assert code == 0
+    assert "registered before manifests" in out
+    code, out, err = cli("rehash", "churn", "1")
+    assert code == 0, err
+    mv = FileRegistry(root).get_version("churn", "1")
+    assert mv.files == {
+        "model.onnx": _sha(onnx_file),
+        "feature_view.json": _sha(folder / "feature_view.json"),
+    }
+    assert out.splitlines()[0] == f"churn version 1: manifest written, sha256={mv.manifest_sha256}"
+    assert f"  {mv.files['feature_view.json']}  feature_view.json  (attachment)" in out
+    code, _, err = cli("rehash", "churn", "1")
+    assert code == 1
+    assert "already has a manifest" in err
+
+
+def test_rehash_is_for_a_file_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["registry", "rehash", "churn", "1", "--registry", "mlflow+http://127.0.0.1:9"])
+    assert code == 1
+    assert "not" in capsys.readouterr().err
+
+
+def test_verify_as_a_subprocess_names_the_planted_file_and_exits_1(
+    root: Path, onnx_file: Path
+) -> None:
+    import subprocess
+    import sys
+
+    registry = FileRegistry(root)
+    registry.register("churn", onnx_file, signature=Signature(inputs=(), outputs=()))
+    stray = root / "churn" / "1" / "extra.bin"
+    stray.write_bytes(b"planted")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "registry",
+            "verify",
+            "churn@1",
+            "--registry",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{stray} is not in the version's manifest" in result.stderr
+    assert "Traceback" not in result.stderr
