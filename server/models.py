@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from registry_client import ModelVersion, Registry
-from registry_client.errors import RegistryError
+from registry_client.errors import AttachmentNotFound, RegistryError
 from registry_client.refs import parse_ref
 from server.batching import BatchPolicy, DynamicBatcher
 from server.breaker import CircuitBreaker
@@ -654,8 +654,13 @@ class ModelManager:
             return None, None, ""
         try:
             path = attachment(mv.name, mv.version, "feature_view.json")
-        except RegistryError:
-            return None, None, ""
+        except AttachmentNotFound:
+            return None, None, ""  # a model without a feature view
+        except RegistryError as exc:
+            # Present but failing its check (tampered, unlisted): never serve without it.
+            raise FailedPrecondition(
+                f"{mv.name} version {mv.version}: feature_view.json: {exc}"
+            ) from exc
         try:
             view = FeatureView.from_json(path.read_text())
         except (OSError, ValueError, KeyError) as exc:
