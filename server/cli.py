@@ -28,6 +28,7 @@ from typing import Any
 
 from registry_client import cli as registry_cli
 from registry_client.errors import RegistryError
+from server import admin_cli
 from server import drift as drift_settings
 from server import shadow as shadow_report
 from server.config import ServerSettings, Settings, load_settings
@@ -43,6 +44,7 @@ first steps:
   batchline models build-demo --registry demo-registry
   batchline serve --registry demo-registry --model churn@production
   batchline health --address 127.0.0.1:8001
+  batchline admin status --address 127.0.0.1:8001
 
 your own model (an ONNX file, e.g. from skl2onnx or torch.onnx):
   batchline registry register churn model.onnx --registry REG --alias production
@@ -459,7 +461,8 @@ def _health_error(args: argparse.Namespace, exc: Any) -> str:
     if code == grpc.StatusCode.NOT_FOUND:
         return (
             f"--service {args.service!r}: {args.address} has no such health service (it answers "
-            f"for '' (the whole server) and {SERVICE_NAME!r})"
+            f"for '' (the whole server) and {SERVICE_NAME!r}; a model's state: "
+            f"batchline admin status {args.service} --address {args.address})"
         )
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"cannot reach {args.address} (--address): UNAVAILABLE: {exc.details()}"
@@ -550,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     registry_cli.add_subcommands(sub)
+    admin_cli.add_subcommands(sub)
 
     drift = sub.add_parser("drift", help="the drift sidecar (gRPC 8011, metrics and report 8012)")
     drift.add_argument("--config", help="batchline.toml ([drift] and [server].registry)")

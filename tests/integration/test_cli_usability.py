@@ -69,7 +69,7 @@ def test_top_level_help_describes_batchline() -> None:
     assert "Open Inference Protocol" in description
     assert "argv ->" not in done.stdout
     assert "batchline registry register churn model.onnx" in done.stdout
-    for command in ("serve", "registry", "features", "health"):
+    for command in ("serve", "registry", "admin", "features", "health"):
         assert f"    {command} " in done.stdout
 
 
@@ -290,6 +290,7 @@ def test_health_names_a_service_the_server_does_not_have(server_process: ServerP
     )
     assert f"--service 'churn': {server_process.address} has no such health service" in line
     assert "'inference.GRPCInferenceService'" in line
+    assert f"batchline admin status churn --address {server_process.address}" in line
     done = batchline("health", "--address", server_process.address)
     assert (done.returncode, done.stdout) == (0, "SERVING\n")
 
