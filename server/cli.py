@@ -105,16 +105,16 @@ def _bind_error(exc: BaseException, server: ServerSettings) -> ConfigError | Non
         errno.EADDRNOTAVAIL,
     ):
         host = server.metrics_host or server.host
-        return _port_error("--metrics-port", host, server.metrics_port, exc.strerror)
+        return _port_error("--metrics-port", host, server.metrics_port, os.strerror(exc.errno))
     return None
 
 
 def _port_error(flag: str, host: str, port: int, reason: str | None) -> ConfigError:
     reason = reason or _why_not_bindable(host, port)
     hint = (
-        "0 picks a free one"
-        if flag == "--grpc-port"
-        else "0 picks a free one, -1 turns the metrics endpoint off"
+        "0 picks a free one, -1 turns the metrics endpoint off"
+        if flag == "--metrics-port"
+        else "0 picks a free one"
     )
     return ConfigError(
         f"{flag} {port}: cannot listen on {host or '0.0.0.0'}:{port}"
@@ -421,7 +421,16 @@ def cmd_drift(args: argparse.Namespace) -> int:
     base = replace(settings.drift, registry=settings.drift.registry or settings.server.registry)
     drift = drift_settings.settings_from_args(args, base)
     _configure_logging(drift.log_level)
-    _run(run_sidecar(drift))
+    try:
+        _run(run_sidecar(drift))
+    except (RuntimeError, OSError) as exc:
+        text = str(exc)
+        if text.startswith(("Failed to bind to address", "cannot bind the drift gRPC port")):
+            raise _port_error("--grpc-port", drift.host, drift.grpc_port, None) from exc
+        if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            reason = os.strerror(exc.errno)
+            raise _port_error("--http-port", drift.host, drift.http_port, reason) from exc
+        raise
     return 0
 
 

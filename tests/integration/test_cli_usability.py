@@ -245,6 +245,18 @@ def test_a_port_in_use_names_the_port_and_its_flag(
     assert "choose another port" in last
 
 
+def test_the_drift_sidecar_names_its_port_in_use(demo_registry: Path, held_port: int) -> None:
+    done = batchline(
+        "drift", "--registry", str(demo_registry), "--host", "127.0.0.1",
+        "--grpc-port", str(held_port), "--http-port", "0",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"batchline: --grpc-port {held_port}: cannot listen on 127.0.0.1:")
+    assert "Address already in use" in last
+
+
 # ---- errors, --debug, pipes -----------------------------------------------------------------
 
 
