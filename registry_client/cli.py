@@ -4,8 +4,13 @@ Every command but ``rehash`` (file registry only) works against either backend.
 
 ``server/cli.py`` mounts these with ``add_subcommands(sub)``; ``python -m registry_client.cli
 registry ...`` runs them without the server installed. Every command takes
-``--registry DIR|mlflow+http://host:port``; registry errors print one line naming the model,
-alias, version or URL and exit 1.
+``--registry DIR|mlflow+http://host:port`` (default: ``$BATCHLINE_REGISTRY``); a folder that
+does not exist is an error, except for ``register``, which creates it. Registry errors print one
+line naming the model, alias, version, file or URL and exit 1.
+
+``register`` checks that the file can be served before it is recorded (see
+``registry_client.servable``): ZipMap outputs are unwrapped, a fixed batch dimension is
+refused, ``--features`` must name every input column; it then says how to serve the version.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
+import traceback
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +30,12 @@ from registry_client.errors import RegistryError
 from registry_client.file_registry import FileRegistry
 from registry_client.open import open_registry
 from registry_client.protocol import Registry
-from registry_client.refs import DEFAULT_ALIAS, validate_alias, validate_version
+from registry_client.refs import DEFAULT_ALIAS, validate_alias, validate_name, validate_version
 from registry_client.rollback import rollback
-from registry_client.types import ModelVersion, Signature
+from registry_client.types import ModelVersion
 
 PROG = "batchline registry"
+REGISTRY_ENV = "BATCHLINE_REGISTRY"
 _Handler = Callable[[argparse.Namespace], int]
 
 
@@ -42,9 +51,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--registry",
-        required=True,
         metavar="DIR|mlflow+http://HOST:PORT",
-        help="a file registry folder or an MLflow tracking server",
+        help=f"a file registry folder or an MLflow tracking server (default: ${REGISTRY_ENV})",
     )
 
     ls = commands.add_parser("list", parents=[common], help="models, their versions and aliases")
@@ -81,6 +89,12 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         metavar="[NAME=]PATH",
         help="a file registered with the version (feature_view.json, profile.json, ...); "
         "its name in the version defaults to the file's name",
+    )
+    register.add_argument(
+        "--no-zipmap-unwrap",
+        action="store_true",
+        help="refuse a ZipMap output (skl2onnx's default for classifiers) instead of unwrapping "
+        "it into an FP32 [N, classes] tensor; the registered bytes are then the file given",
     )
     register.set_defaults(func=_guarded(cmd_register))
 
@@ -119,7 +133,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+    registry = _open(args)
     rows: list[dict[str, Any]] = []
     for name in registry.list_models():
         versions = [mv.version for mv in registry.list_versions(name)]
@@ -128,7 +142,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         _print_json(rows)
         return 0
     if not rows:
-        print(f"no models in {args.registry}")
+        print(f"no models in {_spec(args)[0]}")
         return 0
     width = max(len("MODEL"), *(len(r["name"]) for r in rows))
     print(f"{'MODEL':<{width}}  {'VERSIONS':<8}  {'LATEST':<6}  ALIASES")
@@ -140,7 +154,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+    registry = _open(args)
     versions = registry.list_versions(args.name)
     aliases = registry.aliases(args.name)
     history = {alias: registry.alias_history(args.name, alias) for alias in sorted(aliases)}
@@ -169,33 +183,53 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+    from registry_client import servable
+
+    validate_name(args.name)
     features = tuple(f.strip() for f in args.features.split(",") if f.strip())
-    mv = registry.register(
-        args.name,
-        args.path,
-        signature=_read_signature(args.path),
-        metrics=dict(args.metric),
-        tags=dict(args.tag),
-        features=features,
-        source=args.source,
-        description=args.description,
-        attachments=dict(args.attach),
-    )
+    spec, _label = _spec(args)
+    folder = _local_folder(spec)
+    new_folder = folder is not None and not folder.exists()
+    with servable.work_dir() as scratch:
+        prepared = servable.prepare(
+            args.path, Path(scratch), unwrap_zipmap=not args.no_zipmap_unwrap
+        )
+        servable.check_features(features, prepared.signature, args.path)
+        registry = _open(args, create=True)
+        mv = registry.register(
+            args.name,
+            prepared.path,
+            signature=prepared.signature,
+            metrics=dict(args.metric),
+            tags={**prepared.tags, **dict(args.tag)},
+            features=features,
+            source=args.source,
+            description=args.description,
+            attachments=dict(args.attach),
+        )
     print(f"registered {mv.name} version {mv.version}  {_summary(mv)}")
+    if new_folder:
+        print(f"  (a new file registry, at {folder})")
+    for note in prepared.notes:
+        print(f"  {note}")
     if args.alias:
         _move(registry, mv.name, args.alias, mv.version)
+    _how_to_serve(args, registry, mv.name, mv.version)
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+    registry = _open(args)
     _move(registry, args.name, args.alias, args.version)
+    print(
+        f"a server serving {args.name}@{args.alias} swaps to it at its next registry check "
+        f"(poll_interval_s, 2 s by default), or now: batchline admin reload {args.name}"
+    )
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+    registry = _open(args)
     before = registry.aliases(args.name).get(args.alias, "-")
     target = rollback(registry, args.name, args.alias)
     print(f"{args.name}@{args.alias}: rolled back {before} -> {target}")
@@ -258,7 +292,17 @@ def _guarded(command: _Handler) -> _Handler:
         try:
             return command(args)
         except RegistryError as exc:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
             print(f"{PROG} {args.registry_command}: {exc}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:
+            raise  # the caller decides how to end quietly
+        except OSError as exc:
+            if getattr(args, "debug", False):
+                traceback.print_exc()  # the registry folder or the model file: unreadable, read-only
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"{PROG} {args.registry_command}: {where}{exc.strerror or exc}", file=sys.stderr)
             return 1
 
     return run
@@ -270,19 +314,75 @@ def _move(registry: Registry, name: str, alias: str, version: str) -> None:
     print(f"{name}@{alias}: {before} -> {version}")
 
 
-def _read_signature(path: Path) -> Signature:
-    if not path.is_file():
-        raise RegistryError(f"{path} is not a file")
+def registry_spec(given: str | None, flag: str = "--registry") -> tuple[str, str]:
+    """The registry to use and how to name it in messages: the flag's value, else
+    $BATCHLINE_REGISTRY; neither is an error saying how to give one."""
+    if given:
+        return given, f"{flag} {given}"
+    env = os.environ.get(REGISTRY_ENV, "")
+    if env:
+        return env, f"{REGISTRY_ENV}={env}"
+    raise RegistryError(
+        f"no registry given: pass {flag} DIR (or mlflow+http://HOST:PORT) or set {REGISTRY_ENV}"
+    )
+
+
+def check_registry_folder(spec: str, label: str) -> None:
+    """A local registry must be an existing folder (reads never create one)."""
+    folder = _local_folder(spec)
+    if folder is None:
+        return
+    if not folder.exists():
+        raise RegistryError(
+            f"{label}: no such folder (a registry is created by its first "
+            f"`batchline registry register NAME model.onnx --registry {spec}`)"
+        )
+    if not folder.is_dir():
+        raise RegistryError(f"{label}: not a folder (a file registry is a folder)")
+
+
+def _spec(args: argparse.Namespace) -> tuple[str, str]:
+    return registry_spec(args.registry)
+
+
+def _open(args: argparse.Namespace, *, create: bool = False) -> Registry:
+    spec, label = _spec(args)
+    folder = _local_folder(spec)
+    if folder is not None and (not create or folder.exists()):
+        check_registry_folder(spec, label)
     try:
-        from registry_client.demo import onnx_signature
-    except ImportError as exc:  # pragma: no cover - onnx is in the "train" extra
-        raise RegistryError(f"reading {path} needs the 'onnx' package ({exc})") from exc
-    try:
-        return onnx_signature(path)
-    except RegistryError:
-        raise
-    except Exception as exc:  # onnx raises protobuf DecodeError and others for a bad file
-        raise RegistryError(f"{path} is not a readable ONNX model: {exc}") from exc
+        return open_registry(spec)
+    except RegistryError as exc:
+        raise RegistryError(f"{label}: {exc}") from exc
+
+
+def _local_folder(spec: str) -> Path | None:
+    """The folder a file registry spec names, None for a remote one."""
+    if spec.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(spec).path))
+    if "://" in spec:
+        return None
+    return Path(spec).expanduser()
+
+
+def _how_to_serve(args: argparse.Namespace, registry: Registry, name: str, version: str) -> None:
+    """Say what serves the new version: it is served only through an alias (or pinned)."""
+    where = f" --registry {args.registry}" if args.registry else ""
+    alias = args.alias or DEFAULT_ALIAS
+    if args.alias:
+        print(f"serve it: batchline serve{where} --model {name}@{alias}")
+        return
+    current = registry.aliases(name).get(DEFAULT_ALIAS)
+    now = (
+        f"{name}@{DEFAULT_ALIAS} is version {current}"
+        if current
+        else f"no alias points at {name} yet, so {name}@{DEFAULT_ALIAS} does not resolve"
+    )
+    print(
+        f"not served yet: {now}; to serve version {version}: "
+        f"batchline registry promote {name} {version}{where} "
+        f"(or register with --alias {DEFAULT_ALIAS}; --model {name}@{version} pins it)"
+    )
 
 
 def _summary(mv: ModelVersion) -> str:

@@ -464,10 +464,19 @@ def load_settings(
         if not isinstance(table, dict):
             raise ConfigError(f"models.{name}: expected a table")
         tables[name] = _apply(f"models.{name}", _MODEL_KEYS, table)
+    given: dict[str, str] = {}
     for ref in model_refs:
         name = ref.split("@", 1)[0]
         if "@" not in ref or not name:
             raise ConfigError(f"--model: expected NAME@ALIAS or NAME@VERSION, got {ref!r}")
+        if given.get(name, ref) != ref:
+            # One version per model name answers by default; a second one is a route.
+            raise ConfigError(
+                f"--model {given[name]} and --model {ref} both serve model {name!r}: give one; "
+                f"to run another version beside it use --canary VERSION --canary-percent P or "
+                f"--shadow VERSION"
+            )
+        given[name] = ref
         tables.setdefault(name, {})["ref"] = ref
     models = []
     for name, values in tables.items():

@@ -382,7 +382,7 @@ def test_cli_round_trip_against_mlflow(
     out = cli("register", name, artifact, "--metric", "auc=0.9", "--alias", "production")
     assert out.startswith(f"registered {name} version 1 ")
     cli("register", name, artifact)
-    assert cli("promote", name, "2").strip() == f"{name}@production: 1 -> 2"
+    assert cli("promote", name, "2").splitlines()[0] == f"{name}@production: 1 -> 2"
     listed = {m["name"]: m for m in json.loads(cli("list", "--json"))}
     assert listed[name] == {"name": name, "versions": ["1", "2"], "aliases": {"production": "2"}}
     assert cli("rollback", name).strip() == f"{name}@production: rolled back 2 -> 1"
