@@ -48,6 +48,9 @@ grpc_gevent.init_gevent()
 
 MODEL = os.environ.get("LOCUST_MODEL", "churn")
 ROWS = int(os.environ.get("LOCUST_ROWS", "1"))
+# Requests carry the parameter traffic=<this> so the server keeps them out of drift and shadow
+# statistics; LOCUST_TRAFFIC="" sends them untagged (counted as live traffic).
+TRAFFIC = os.environ.get("LOCUST_TRAFFIC", "loadtest")
 TIMEOUT_S = float(os.environ.get("LOCUST_TIMEOUT_S", "10"))
 WAIT_S = float(os.environ.get("LOCUST_WAIT_S", "0"))
 PRIMARY_VERSION = os.environ.get("LOCUST_PRIMARY_VERSION", "1")
@@ -169,6 +172,8 @@ class InferenceUser(User):
     def _infer(self, name: str, request: pb.ModelInferRequest, expect_version: str = "") -> None:
         exception: Exception | None = None
         length = 0
+        if TRAFFIC:
+            request.parameters["traffic"].string_param = TRAFFIC
         start = time.perf_counter()
         try:
             reply = self._stub.ModelInfer(request, timeout=TIMEOUT_S)

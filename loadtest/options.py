@@ -40,6 +40,9 @@ class Options:
     rows: int = 1
     model_version: str = ""
     typed: bool = False
+    # --model requests are tagged `traffic: loadtest` (kept out of drift and shadow statistics)
+    # unless `live`.
+    live: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [

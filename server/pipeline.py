@@ -131,11 +131,11 @@ class InferencePipeline:
                 selected = dict(zip(index, outputs, strict=True))
             else:
                 selected = {name: outputs[index[name]] for name in request.outputs}
-            if self._drift is not None:
+            if self._drift is not None and request.observed:
                 self._record_drift(
                     answered, role, request, sticky, outputs, self._clock.now() - start
                 )
-            if route is not None and route.shadows and request.version is None:
+            if route is not None and route.shadows and request.version is None and request.observed:
                 self._mirror(served, route, request, sticky, outputs, self._clock.now() - start)
             return InferResult(
                 model=answered.key.name,

@@ -90,6 +90,9 @@ class InferRequest:
     parameters: dict[str, object] = field(default_factory=dict)
     # The request's trace when it is sampled (server/observability/tracing.RequestTrace).
     trace: Any = None
+    # False for traffic that must stay out of drift and shadow statistics (the request said
+    # `drift: false`, or tagged itself `traffic: <not live>`, as load tests do).
+    observed: bool = True
 
 
 @dataclass(slots=True)
