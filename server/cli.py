@@ -65,16 +65,16 @@ def _run(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, format: str = "auto") -> None:
     from server.observability.logging import configure
 
-    configure(level)
+    configure(level, format)
 
 
 def _serve_one(settings: Settings) -> None:
     from server.app import App
 
-    _configure_logging(settings.server.log_level)
+    _configure_logging(settings.server.log_level, settings.server.log_format)
     _run(_serve_app(App(settings)))
 
 
@@ -228,6 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "ready_file": args.ready_file,
             "grace_period_s": args.grace_period,
             "log_level": args.log_level,
+            "log_format": args.log_format,
             "feature_store": args.feature_store,
             "admin_token": args.admin_token,
             "admin_token_file": args.admin_token_file,
@@ -505,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
     serve.add_argument("--grace-period", type=float, help="seconds to drain on SIGTERM")
     serve.add_argument("--log-level")
+    serve.add_argument(
+        "--log-format",
+        choices=("auto", "text", "json"),
+        help="text lines or JSON lines (default auto: text on a terminal, JSON otherwise)",
+    )
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-queue-delay-us", type=int)
     serve.add_argument("--no-batching", action="store_true", help="run every request alone")

@@ -113,6 +113,9 @@ class ServerSettings:
     max_request_id_bytes: int = 256
     ready_file: str = ""
     log_level: str = "info"
+    # "text" (one readable line per event), "json" (JSON lines, for log shippers) or "auto":
+    # text when stderr is a terminal, JSON otherwise.
+    log_format: str = "auto"
     # Seconds between checks of each served alias in the registry; 0 turns watching off.
     poll_interval_s: float = 2.0
     # Bearer token for admin RPCs (AdminService, ModelStatus, RepositoryModelLoad/Unload).
@@ -193,6 +196,7 @@ _ENV = {
     "BATCHLINE_WORKERS": "workers",
     "BATCHLINE_GRACE_PERIOD_S": "grace_period_s",
     "BATCHLINE_LOG_LEVEL": "log_level",
+    "BATCHLINE_LOG_FORMAT": "log_format",
     "BATCHLINE_POLL_INTERVAL_S": "poll_interval_s",
     "BATCHLINE_ADMIN_TOKEN": "admin_token",
     "BATCHLINE_ADMIN_TOKEN_FILE": "admin_token_file",
@@ -388,6 +392,8 @@ def _check_server(s: ServerSettings) -> None:
             raise ConfigError(f"server.{name}: {value} is not a readable file")
     if s.poll_interval_s < 0:
         raise ConfigError(f"server.poll_interval_s: expected >= 0, got {s.poll_interval_s}")
+    if s.log_format not in ("auto", "text", "json"):
+        raise ConfigError(f"server.log_format: expected auto, text or json, got {s.log_format!r}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f"server.log_level: expected debug, info, warning or error, got {s.log_level!r}"
