@@ -318,6 +318,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             "execution": "inline" if served.inline else "executor",
             **{f"metric.{k}": f"{v:.6g}" for k, v in mv.metrics.items()},
         }
+        view = served.view
+        if view is not None:
+            # Entity-keyed serving: a request may send `entity_key` (BYTES [-1], one id per
+            # row) instead of `feature_input`; the server then reads the features itself. Not
+            # listed among `input`, which clients such as perf_analyzer fill all of at once.
+            params.update(
+                entity_key=view.entity_key,
+                entity_key_datatype="BYTES",
+                entity_key_shape="[-1]",
+                feature_input=served.feature_input,
+                feature_view=view.name,
+            )
         for key, value in params.items():
             config.parameters[key].string_value = str(value)
         return pb.ModelConfigResponse(config=config)

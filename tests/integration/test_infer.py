@@ -448,3 +448,17 @@ async def test_metrics_endpoint_counts_requests_by_status_and_batch_sizes_after_
     assert requests[invalid] == 1
     assert samples[("batchline_batch_size_rows_sum", (("model", MLP), ("version", "1")))] == 10
     assert samples[("batchline_batch_size_rows_count", (("model", MLP), ("version", "1")))] >= 1
+
+
+async def test_model_config_advertises_the_entity_key_of_an_entity_keyed_model(
+    stub: pb_grpc.GRPCInferenceServiceStub, demo_registry: Path
+) -> None:
+    import json
+
+    view = json.loads((demo_registry / "churn" / "1" / "feature_view.json").read_text())
+    config = (await stub.ModelConfig(pb.ModelConfigRequest(name="churn"))).config
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["entity_key"] == view["entity_key"] == "customer_id"
+    assert (params["entity_key_datatype"], params["entity_key_shape"]) == ("BYTES", "[-1]")
+    assert params["feature_input"] == "input"
+    assert params["feature_view"] == view["name"]
