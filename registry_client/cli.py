@@ -29,7 +29,9 @@ from typing import Any
 from registry_client.errors import RegistryError
 from registry_client.file_registry import FileRegistry
 from registry_client.open import open_registry
+from registry_client.profile import PROFILE_FILE
 from registry_client.protocol import Registry
+from registry_client.reference import profile_model
 from registry_client.refs import DEFAULT_ALIAS, validate_alias, validate_name, validate_version
 from registry_client.rollback import rollback
 from registry_client.types import ModelVersion
@@ -91,6 +93,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "its name in the version defaults to the file's name",
     )
     register.add_argument(
+        "--reference",
+        type=Path,
+        metavar="DATA",
+        help="CSV, Parquet, .npy or .npz of the training features: profiled (with the model's own "
+        "scores on them) into the version's profile.json, so the drift sidecar can watch it",
+    )
+    register.add_argument(
         "--no-zipmap-unwrap",
         action="store_true",
         help="refuse a ZipMap output (skl2onnx's default for classifiers) instead of unwrapping "
@@ -120,6 +129,21 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     verify.add_argument("ref", help="NAME, NAME@ALIAS or NAME@VERSION")
     verify.set_defaults(func=_guarded(cmd_verify))
+
+    profile = commands.add_parser(
+        "profile",
+        parents=[common],
+        help="give a version without a reference profile one: registers the same model and "
+        "files as the next version, with profile.json (versions are immutable)",
+    )
+    profile.add_argument("name")
+    profile.add_argument("version", type=_version)
+    profile.add_argument("--reference", type=Path, required=True, metavar="DATA")
+    profile.add_argument(
+        "--features", default="", help="comma-separated feature column names, in input order"
+    )
+    profile.add_argument("--alias", type=_alias, help="also point this alias at the new version")
+    profile.set_defaults(func=_guarded(cmd_profile))
 
     rehash = commands.add_parser(
         "rehash",
@@ -195,6 +219,16 @@ def cmd_register(args: argparse.Namespace) -> int:
             args.path, Path(scratch), unwrap_zipmap=not args.no_zipmap_unwrap
         )
         servable.check_features(features, prepared.signature, args.path)
+        attachments = dict(args.attach)
+        if args.reference is not None:
+            if PROFILE_FILE in attachments:
+                raise RegistryError(
+                    f"--reference and --attach {PROFILE_FILE}: give the reference data or a "
+                    "profile, not both"
+                )
+            profile = profile_model(prepared.path, args.reference, features)
+            attachments[PROFILE_FILE] = Path(scratch) / PROFILE_FILE
+            attachments[PROFILE_FILE].write_text(profile.to_json())
         registry = _open(args, create=True)
         mv = registry.register(
             args.name,
@@ -205,9 +239,11 @@ def cmd_register(args: argparse.Namespace) -> int:
             features=features,
             source=args.source,
             description=args.description,
-            attachments=dict(args.attach),
+            attachments=attachments,
         )
     print(f"registered {mv.name} version {mv.version}  {_summary(mv)}")
+    if args.reference is not None:
+        print(f"  reference profile from {args.reference} ({profile.rows} rows) in {PROFILE_FILE}")
     if new_folder:
         print(f"  (a new file registry, at {folder})")
     for note in prepared.notes:
@@ -237,7 +273,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+    registry = _open(args)
     mv = registry.resolve(args.ref)
     registry.fetch(mv)
     if not mv.files:
@@ -254,8 +290,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import tempfile
+
+    registry = _open(args)
+    mv = registry.get_version(args.name, args.version)
+    model = registry.fetch(mv)
+    features = tuple(f.strip() for f in args.features.split(",") if f.strip()) or mv.features
+    profile = profile_model(model, args.reference, features)
+    attachments: dict[str, Path] = {}
+    for filename in sorted(getattr(mv, "files", {}) or {}):
+        if filename in ("model.onnx", PROFILE_FILE) or filename in getattr(mv, "external_data", ()):
+            continue
+        attachments[filename] = registry.attachment(mv.name, mv.version, filename)
+    with tempfile.TemporaryDirectory(prefix="batchline-profile-") as scratch:
+        path = Path(scratch) / PROFILE_FILE
+        path.write_text(profile.to_json())
+        attachments[PROFILE_FILE] = path
+        new = registry.register(
+            mv.name,
+            model,
+            signature=mv.signature,
+            metrics=mv.metrics,
+            tags=mv.tags,
+            features=features,
+            source=f"batchline registry profile {mv.name} {mv.version}",
+            description=mv.description,
+            attachments=attachments,
+        )
+    print(
+        f"registered {new.name} version {new.version}: version {mv.version}'s model and files "
+        f"with a reference profile from {args.reference} ({profile.rows} rows)"
+    )
+    if args.alias:
+        _move(registry, new.name, args.alias, new.version)
+    _how_to_serve(args, registry, new.name, new.version)
+    return 0
+
+
 def cmd_rehash(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+    registry = _open(args)
     if not isinstance(registry, FileRegistry):
         raise RegistryError(
             f"rehash writes a file registry's metadata; {args.registry} is not one (register the "

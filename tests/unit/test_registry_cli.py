@@ -548,3 +548,102 @@ def test_the_registry_comes_from_batchline_registry_when_not_given(
     assert json.loads(capsys.readouterr().out) == [
         {"name": "churn", "versions": ["1"], "aliases": {"production": "1"}}
     ]
+
+
+# ---- reference profiles for any model ---------------------------------------------------------
+
+
+def _reference_csv(path: Path, X: Any) -> tuple[str, ...]:
+    names = tuple(f"x{i}" for i in range(X.shape[1]))
+    lines = [",".join(("id", *names))] + [
+        ",".join((str(i), *(repr(float(v)) for v in row))) for i, row in enumerate(X)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return names
+
+
+def test_register_with_reference_data_writes_a_profile_the_sidecar_reads(
+    root: Path, tmp_path: Path
+) -> None:
+    """Your own model gets a drift reference: the real CLI profiles the CSV's feature columns
+    and the model's own scores; edges checked against numpy's deciles of sklearn's
+    predict_proba, computed here, not by the profile code."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from registry_client.profile import ReferenceProfile
+    from server.drift.sidecar import registry_profiles
+
+    exported = tmp_path / "clf.onnx"
+    clf = sklearn_classifier(exported)
+    X = np.random.default_rng(3).normal(size=(400, 8)).astype(np.float32)
+    names = _reference_csv(tmp_path / "train.csv", X)
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "registry", "register", "mine", str(exported),
+         "--registry", str(root), "--reference", str(tmp_path / "train.csv"),
+         "--features", ",".join(names), "--alias", "production"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "reference profile from" in result.stdout
+    registry = FileRegistry(root)
+    profile = ReferenceProfile.from_json(
+        registry.attachment("mine", "1", "profile.json").read_text()
+    )
+    assert profile.rows == 400
+    assert profile.feature_names == names
+    scores = clf.predict_proba(X.astype(np.float64))[:, 1]
+    expected = np.unique(np.quantile(scores, np.linspace(0, 1, 11)[1:-1], method="lower"))
+    # The ONNX model computes in float32, sklearn in float64.
+    np.testing.assert_allclose(profile.score.edges, expected, rtol=1e-3)
+    loaded = registry_profiles(root)("mine", "1")
+    assert loaded is not None
+    assert loaded.rows == 400
+
+
+def test_reference_data_with_the_wrong_columns_is_one_line_naming_them(
+    root: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    exported = tmp_path / "clf.onnx"
+    sklearn_classifier(exported)
+    _reference_csv(tmp_path / "train.csv", np.zeros((5, 3), np.float32))
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "registry", "register", "mine", str(exported),
+         "--registry", str(root), "--reference", str(tmp_path / "train.csv")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--reference" in result.stderr
+    assert "id, x0, x1, x2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (root / "mine").exists()
+
+
+def test_profile_gives_an_existing_version_a_reference_as_the_next_version(
+    cli: Cli, root: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    exported = tmp_path / "clf.onnx"
+    sklearn_classifier(exported)
+    assert cli("register", "mine", str(exported), "--alias", "production")[0] == 0
+    X = np.random.default_rng(4).normal(size=(50, 8)).astype(np.float32)
+    names = _reference_csv(tmp_path / "train.csv", X)
+    code, out, err = cli(
+        "profile", "mine", "1", "--reference", str(tmp_path / "train.csv"),
+        "--features", ",".join(names), "--alias", "production",
+    )  # fmt: skip
+    assert code == 0, err
+    registry = FileRegistry(root)
+    one, two = registry.get_version("mine", "1"), registry.get_version("mine", "2")
+    assert one.sha256 == two.sha256  # the same model, now with a profile
+    assert registry.aliases("mine")["production"] == "2"
+    assert registry.attachment("mine", "2", "profile.json").is_file()
+    registry.fetch(two)  # its manifest holds
