@@ -42,6 +42,10 @@ from server.clock import Clock, MonotonicClock
 
 log = logging.getLogger(__name__)
 
+# The initial metadata the sidecar sends once it has accepted a Record stream (token checked): a
+# refusal answers trailers only, so the producer counts as connected only on seeing this key.
+ACCEPTED_KEY = "batchline-drift-accepted"
+
 ROLES: dict[str, pb.Role] = {
     "primary": pb.ROLE_PRIMARY,
     "canary": pb.ROLE_CANARY,
@@ -384,8 +388,10 @@ class DriftProducer:
                 call = pb_grpc.DriftServiceStub(channel).Record(metadata=self._metadata)
                 # The sidecar sends its initial metadata once it has accepted the stream (the
                 # token checked); a refusal ends the call instead, and raises here.
-                await asyncio.wait_for(call.initial_metadata(), self._connect_timeout_s)
-                if call.done():
+                metadata = await asyncio.wait_for(call.initial_metadata(), self._connect_timeout_s)
+                if call.done() or not any(k == ACCEPTED_KEY for k, _ in metadata or ()):
+                    # A refusal answers with trailers only (its initial metadata is empty, and
+                    # the call may not read as done yet): raise its status, not "connected".
                     await call
                     raise _StreamEnded("the sidecar ended the stream at once")
                 self._set_connected(True)

@@ -69,6 +69,7 @@ from server.drift import (
     is_loopback,
     settings_from_args,
 )
+from server.drift.producer import ACCEPTED_KEY
 from server.drift.profile import PROFILE_FILE, Histogram, ReferenceProfile
 from server.drift.report import render_html, report_to_dict
 from server.drift.stats import AlertGate, Comparison, compare, roc_auc
@@ -1011,7 +1012,7 @@ class DriftServicer:
     async def Record(self, request_iterator: Any, context: Any) -> pb.RecordAck:
         await self._check("Record", context)
         # Tells the producer the stream is accepted: it counts as connected only from here.
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
         received = 0
         self.monitor.streams += 1
         try:

@@ -636,7 +636,7 @@ def test_profile_gives_an_existing_version_a_reference_as_the_next_version(
     assert cli("register", "mine", str(exported), "--alias", "production")[0] == 0
     X = np.random.default_rng(4).normal(size=(50, 8)).astype(np.float32)
     names = _reference_csv(tmp_path / "train.csv", X)
-    code, out, err = cli(
+    code, _out, err = cli(
         "profile", "mine", "1", "--reference", str(tmp_path / "train.csv"),
         "--features", ",".join(names), "--alias", "production",
     )  # fmt: skip
