@@ -226,10 +226,11 @@ def markdown(result: dict[str, Any]) -> str:
     )
     head = (
         f"Measured {result['date']} on {m['cpus']} cores ({m['cpu_model']}; load average "
-        f"{m['loadavg_before']} before the run), Python {m['python']}, onnxruntime "
+        f"{m['loadavg_before']} before the run, {m.get('loadavg_after', '?')} after), Python {m['python']}, onnxruntime "
         f"{m['onnxruntime']}. Client: perf_analyzer (tritonclient 2.41) `--async` "
-        f"(`--streaming` for the stream rows), 1 row per request, {method['trials']} windows of "
-        f"{method['window_ms']} ms per point with the stability check relaxed, after a "
+        f"(`--streaming` for the stream rows), 1 row per request, the mean of 3 windows of "
+        f"{method['window_ms']} ms per point (at most {method['max_trials']} windows; stability "
+        f"check relaxed), after a "
         f"{method['warmup_ms']} ms x 3 warm-up per model; {pin}. Each server started alone, on "
         "the same model.onnx files, then stopped. Server CPU: /proc/PID/stat of the server's "
         "process tree (Triton's stubs included) over the measured part of the run, divided by "
@@ -323,12 +324,12 @@ def measure(
     )
     before = server.counts(model)
     log = report.with_suffix(".log")
-    expected_s = trials * window_ms / 1000
+    expected_s = 3 * window_ms / 1000  # perf_analyzer reports once 3 windows agree
     with open(log, "wb") as out:
         popen = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT)
         with Sampler(server.cpu_seconds, popen.pid) as sampler:
             try:
-                code = popen.wait(timeout=expected_s * 4 + 120)
+                code = popen.wait(timeout=trials * window_ms / 1000 * 4 + 120)
             except subprocess.TimeoutExpired:
                 popen.kill()
                 code = popen.wait()
@@ -482,7 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int_list, default=[1, 64], help="unary concurrencies")
     parser.add_argument("--stream-levels", type=int_list, default=[64], help="ModelStreamInfer")
     parser.add_argument("--window-ms", type=int, default=4000, help="one measurement window")
-    parser.add_argument("--trials", type=int, default=3, help="windows per point (>= 3)")
+    parser.add_argument(
+        "--max-trials",
+        dest="trials",
+        type=int,
+        default=6,
+        help="most windows per point; perf_analyzer reports the first 3 that agree (>= 3)",
+    )
     parser.add_argument("--warmup-ms", type=int, default=700, help="warm-up window (x 3)")
     parser.add_argument("--server-cpus", help="taskset list for the server (default: 1st CPU)")
     parser.add_argument("--client-cpus", help="taskset list for perf_analyzer (default: 2nd CPU)")
@@ -498,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad_models:
         parser.error(f"--models: unknown {', '.join(bad_models)} (choose from {', '.join(MODELS)})")
     if args.trials < 3:
-        parser.error("--trials: perf_analyzer needs at least 3 windows to report")
+        parser.error("--max-trials: perf_analyzer needs at least 3 windows to report")
     if args.window_ms < 100 or args.warmup_ms < 100:
         parser.error("--window-ms and --warmup-ms: at least 100")
     if not PERF_ANALYZER.exists():
@@ -538,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    machine["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine,
@@ -545,14 +553,15 @@ def main(argv: list[str] | None = None) -> int:
             "client": "perf_analyzer (tritonclient 2.41.0 wheel), --async / --streaming",
             "rows_per_request": 1,
             "window_ms": args.window_ms,
-            "trials": args.trials,
+            "max_trials": args.trials,
             "warmup_ms": args.warmup_ms,
             "server_cpus": args.server_cpus,
             "client_cpus": args.client_cpus,
             "saturated_cores": SATURATED_CORES,
             "peers": {
                 "triton": "tritonserver 2.51 (nvidia-pytriton 0.7.0), python backend + ORT, "
-                "max_batch_size 64, max_queue_delay 500 us, 1 CPU instance",
+                "max_batch_size 64, max_queue_delay 500 us, 1 CPU instance, "
+                "--grpc-infer-allocation-pool-size 256 (2.51 crashes on streams at c>=32 without)",
                 "mlserver": "MLServer 1.7.1, adaptive batching 32 / 5 ms, parallel_workers 0",
                 "naive": "grpc.aio + uvloop, one session.run per request on the loop",
                 "echo": "grpc.aio + uvloop, fixed reply",
