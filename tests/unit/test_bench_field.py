@@ -132,6 +132,20 @@ def test_a_saturated_client_is_named_in_the_target_note() -> None:
     assert first["note"] == "client saturated (echo)"
 
 
+def test_throughput_targets_also_compare_per_server_core() -> None:
+    # batchline got half a core (a busy machine): 1,000 req/s at 500 us each; echo a whole
+    # core: 2,500 req/s at 400 us each. Per core, batchline does 1/500 vs echo's 1/400.
+    points = [
+        point("echo", "-", "unary", 64, rps=2500.0, server_us_per_request=400.0, server_cores=1.0),
+        point("batchline", "churn", "unary", 64, rps=1000.0, server_us_per_request=500.0,
+              server_cores=0.5),
+    ]  # fmt: skip
+    (first, *_rest) = targets(points)
+    assert first["measured"] == pytest.approx(0.4)
+    assert first["per_core"] == pytest.approx(400 / 500)
+    assert first["note"] == "server under 0.85 cores (batchline)"
+
+
 def test_replace_block_swaps_only_the_field_table() -> None:
     begin, end = README_MARKERS
     text = f"intro\n{begin}\nold\n{end}\n<!-- bench-table -->\nkeep\n<!-- /bench-table -->\n"
