@@ -349,6 +349,7 @@ def measure(
     cmd = perf_analyzer_cmd(
         server.port, model, concurrency, call, window_ms, trials, report, shape, args.client_cpus
     )
+    report.unlink(missing_ok=True)  # the warm-up wrote one under the same name
     before = server.counts(model)
     log = report.with_suffix(".log")
     expected_s = 3 * window_ms / 1000  # perf_analyzer reports once 3 windows agree
