@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--model-version", default="", help="model version with --model")
     src.add_argument("--typed", action="store_true", help="typed contents instead of raw bytes")
+    src.add_argument(
+        "--live",
+        action="store_true",
+        help="with --model: count this load in drift and shadow statistics (by default requests "
+        "carry the parameter traffic=loadtest, which keeps them out)",
+    )
     load = p.add_argument_group("load")
     load.add_argument("-c", "--concurrency", type=int, default=50, help="workers (default 50)")
     load.add_argument("-n", "--total", type=int, default=200, help="calls (default 200)")
@@ -96,6 +102,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         proto=args.proto,
         import_paths=tuple(Path(p) for p in args.import_paths.split(",") if p),
         protoset=args.protoset,
+        live=args.live,
     )
 
 

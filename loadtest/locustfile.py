@@ -54,6 +54,9 @@ grpc_gevent.init_gevent()
 
 MODEL = os.environ.get("LOCUST_MODEL", "churn")
 ROWS = int(os.environ.get("LOCUST_ROWS", "1"))
+# Requests carry the parameter traffic=<this> so the server keeps them out of drift and shadow
+# statistics; LOCUST_TRAFFIC="" sends them untagged (counted as live traffic).
+TRAFFIC = os.environ.get("LOCUST_TRAFFIC", "loadtest")
 TIMEOUT_S = float(os.environ.get("LOCUST_TIMEOUT_S", "10"))
 WAIT_S = float(os.environ.get("LOCUST_WAIT_S", "0"))
 PRIMARY_VERSION = os.environ.get("LOCUST_PRIMARY_VERSION", "1")
@@ -180,6 +183,8 @@ class InferenceUser(User):
     def _infer(self, name: str, request: pb.ModelInferRequest, expect_version: str = "") -> None:
         exception: Exception | None = None
         length = 0
+        if TRAFFIC:
+            request.parameters["traffic"].string_param = TRAFFIC
         start = time.perf_counter()
         try:
             reply = self._stub.ModelInfer(request, timeout=TIMEOUT_S)
@@ -275,8 +280,11 @@ class RestUser(HttpUser):
         self, name: str, tensors: list[tuple[dict[str, Any], bytes | None]], version: str = ""
     ) -> None:
         doc: dict[str, Any] = {"inputs": [t for t, _ in tensors]}
+        parameters: dict[str, Any] = {"traffic": TRAFFIC} if TRAFFIC else {}
         if HTTP_BINARY:
-            doc["parameters"] = {"binary_data_output": True}
+            parameters["binary_data_output"] = True
+        if parameters:
+            doc["parameters"] = parameters
         header = json.dumps(doc).encode()
         blobs = [raw for _, raw in tensors if raw is not None]
         headers = {"Content-Type": "application/json"}

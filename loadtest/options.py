@@ -45,6 +45,9 @@ class Options:
     proto: Path | None = None
     import_paths: tuple[Path, ...] = ()
     protoset: Path | None = None
+    # --model requests are tagged `traffic: loadtest` (kept out of drift and shadow statistics)
+    # unless `live`.
+    live: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [

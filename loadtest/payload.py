@@ -249,14 +249,20 @@ def infer_request_for_model(
     version: str = "",
     typed: bool = False,
     seed: int = 0,
+    traffic: str = "loadtest",
 ) -> pb.ModelInferRequest:
     """A request filling every input of ``metadata`` with random values of its datatype.
+
+    Tagged ``traffic: <traffic>`` (a request parameter) so the server keeps synthetic load out of
+    drift and shadow statistics; ``traffic=""`` sends it untagged (counted as live).
 
     A dynamic first dimension becomes ``rows``; other dynamic dimensions become 1. Values go in
     ``raw_input_contents`` (the fast path) unless ``typed``. BYTES elements are ``b"1"``.
     """
     rng = np.random.default_rng(seed)
     request = pb.ModelInferRequest(model_name=metadata.name, model_version=version, id=REQUEST_ID)
+    if traffic:
+        request.parameters["traffic"].string_param = traffic
     for tensor in metadata.inputs:
         shape = [
             rows if (i == 0 and d < 0) else (1 if d < 0 else int(d))

@@ -140,7 +140,11 @@ async def _model_request(channel: grpc.aio.Channel, options: Options) -> bytes:
             f"--model: ModelMetadata({options.model!r}) failed: {e.code().name}: {e.details()}"
         ) from e
     request = infer_request_for_model(
-        metadata, rows=options.rows, version=options.model_version, typed=options.typed
+        metadata,
+        rows=options.rows,
+        version=options.model_version,
+        typed=options.typed,
+        traffic="" if options.live else "loadtest",
     )
     return request.SerializeToString()
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from registry_client.errors import (
     AliasNotFound,
+    AttachmentNotFound,
     ChecksumMismatch,
     InvalidName,
     InvalidReference,
+    ManifestError,
     ModelNotFound,
     NothingToRollBack,
     RegistryError,
@@ -35,10 +37,12 @@ from registry_client.types import ModelVersion, Signature, TensorInfo
 __all__ = [
     "DEFAULT_ALIAS",
     "AliasNotFound",
+    "AttachmentNotFound",
     "ChecksumMismatch",
     "FileRegistry",
     "InvalidName",
     "InvalidReference",
+    "ManifestError",
     "MlflowRegistry",
     "ModelNotFound",
     "ModelRef",

@@ -57,18 +57,41 @@ class AliasNotFound(RegistryError, LookupError):
 
 
 class ChecksumMismatch(RegistryError):
-    """An artifact's bytes do not hash to the sha256 recorded when it was registered."""
+    """A file's bytes do not hash to the sha256 recorded when its version was registered."""
 
-    def __init__(self, path: str, expected: str, actual: str) -> None:
+    def __init__(self, path: str, expected: str, actual: str, hint: str = "") -> None:
         super().__init__(
             f"artifact {path} is corrupt or was replaced: sha256 expected {expected}, actual {actual}"
+            + (f"; {hint}" if hint else "")
         )
         self.path = path
         self.expected = expected
         self.actual = actual
+        self.hint = hint
 
     def _reduce_args(self) -> tuple[Any, ...]:
-        return (self.path, self.expected, self.actual)
+        return (self.path, self.expected, self.actual, self.hint)
+
+
+class ManifestError(RegistryError):
+    """A version's folder does not match its manifest (a file added, missing, linked or
+    referenced that the manifest does not list), or the manifest itself does not hang together.
+    The message names the file and says what to do."""
+
+
+class AttachmentNotFound(RegistryError, LookupError):
+    """The version exists but was registered without an attachment of that name."""
+
+    def __init__(self, name: str, version: str, filename: str, known: tuple[str, ...] = ()) -> None:
+        have = f" (attachments: {', '.join(known)})" if known else " (no attachments)"
+        super().__init__(f"model {name!r} version {version} has no attachment {filename!r}{have}")
+        self.name = name
+        self.version = version
+        self.filename = filename
+        self.known = known
+
+    def _reduce_args(self) -> tuple[Any, ...]:
+        return (self.name, self.version, self.filename, self.known)
 
 
 class InvalidName(RegistryError, ValueError):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -19,11 +22,25 @@ from urllib.parse import unquote, urlsplit
 
 from registry_client.errors import (
     AliasNotFound,
+    AttachmentNotFound,
     ChecksumMismatch,
     InvalidName,
+    ManifestError,
     ModelNotFound,
     RegistryError,
     VersionNotFound,
+)
+from registry_client.manifest import (
+    ARTIFACT,
+    METADATA,
+    RESERVED,
+    DigestCache,
+    check_attachments,
+    check_manifest,
+    external_data_files,
+    external_sources,
+    folder_files,
+    manifest_digest,
 )
 from registry_client.refs import (
     ModelRef,
@@ -34,21 +51,22 @@ from registry_client.refs import (
 )
 from registry_client.types import ModelVersion, Signature
 
-ARTIFACT = "model.onnx"
-METADATA = "metadata.json"
 ALIASES = "aliases.json"
 LOCK = ".lock"
-_RESERVED = frozenset({ARTIFACT, METADATA})
 _CHUNK = 1 << 20
-_METADATA_SCHEMA = 1
+# 1: only model.onnx's sha256. 2: a manifest of every file in the version folder.
+_METADATA_SCHEMA = 2
+_LEGACY_SCHEMA = 1
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,17}")
+_log = logging.getLogger(__name__)
 
 
 class FileRegistry:
     """A Registry kept in a local folder, safe for several processes sharing it.
 
-    Layout: ``ROOT/<name>/<version>/model.onnx``, ``ROOT/<name>/<version>/metadata.json`` and
-    ``ROOT/<name>/aliases.json``. Guarantees:
+    Layout: ``ROOT/<name>/<version>/model.onnx``, ``ROOT/<name>/<version>/metadata.json``, the
+    version's external-data files and attachments beside them, and ``ROOT/<name>/aliases.json``.
+    Guarantees:
 
     * a reader never sees a half-written file or version: files are written to a temp file in the
       same folder, fsynced and renamed over; a new version is staged in a hidden folder and
@@ -57,14 +75,27 @@ class FileRegistry:
       ``ROOT/<name>/.lock``, so concurrent processes get distinct versions and the alias file
       never loses an update;
     * no name, alias or version can address a path outside ``root``;
-    * ``fetch`` returns a path only after its sha256 matches; a verified (path, inode, size,
-      mtime) is remembered so repeated fetches of an unchanged file don't rehash it.
+    * ``register`` records a manifest (every file of the version -> sha256, and one digest over
+      it) in metadata.json; it copies in the external-data files the graph references from
+      beside the source model, and refuses a model whose external data is missing or would
+      lie outside the version folder;
+    * ``fetch`` returns model.onnx's path only after every file in the manifest matches its
+      sha256, the folder holds no file the manifest does not list (ONNX Runtime could load it
+      as external data), and every external-data file the graph references is in the manifest;
+      ``attachment`` returns a path only after that file matches. A verified file's identity
+      (device, inode, size, mtime, ctime) is remembered so a reload does not rehash an
+      unchanged file;
+    * a version registered before manifests existed (metadata schema 1) has model.onnx
+      verified; one whose graph references external data is refused, its other files are
+      served with a warning (once per version) until ``rehash`` writes a manifest for it.
     """
 
     def __init__(self, root: Path | str) -> None:
         self._root = Path(root).expanduser().resolve()
-        self._verified: dict[tuple[str, int, int, int], str] = {}
-        self._verified_lock = threading.Lock()
+        self._digests = DigestCache()
+        self._references: dict[str, tuple[str, ...]] = {}  # model sha256 -> external data
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"FileRegistry({str(self._root)!r})"
@@ -124,34 +155,120 @@ class FileRegistry:
         return history
 
     def attachment(self, name: str, version: str, filename: str) -> Path:
-        """The path of a file registered alongside a version (see ``register(attachments=)``)."""
+        """The path of a file registered alongside a version (see ``register(attachments=)``),
+        after it matched its sha256 in the version's manifest.
+
+        AttachmentNotFound when the version has no such attachment; ChecksumMismatch or
+        ManifestError (naming the file) when the file is not what was registered.
+        """
         mv = self.get_version(name, version)
-        path = Path(mv.artifact).parent / validate_name(filename, what="attachment name")
-        if not path.is_file():
-            raise RegistryError(f"model {name!r} version {version} has no attachment {path}")
+        filename = validate_name(filename, what="attachment name")
+        folder = Path(mv.artifact).parent
+        path = folder / filename
+        if not mv.files:  # registered before manifests: nothing to check it against
+            if not path.is_file():
+                raise AttachmentNotFound(name, version, filename, tuple(_legacy_files(folder)))
+            self._warn_unverified(mv, folder, [filename])
+            return path
+        if filename not in mv.files:
+            if os.path.lexists(path):
+                raise ManifestError(_unlisted_message(mv, path))
+            raise AttachmentNotFound(name, version, filename, _attachments(mv))
+        self._verify(mv, path, mv.files[filename])
         return path
 
     def fetch(self, mv: ModelVersion) -> Path:
+        """model.onnx's path, once the whole version folder matches the version's manifest."""
         path = _local_path(mv.artifact)
+        if not mv.files:
+            return self._fetch_legacy(mv, path)
+        folder = path.parent
+        check_manifest(
+            mv.files,
+            sha256=mv.sha256,
+            digest=mv.manifest_sha256,
+            external_data=mv.external_data,
+            where=f"metadata of model {mv.name!r} version {mv.version} ({folder / METADATA})",
+        )
         try:
-            before = path.stat()
+            present = folder_files(folder)
         except FileNotFoundError:
             raise RegistryError(
                 f"artifact {path} of model {mv.name!r} version {mv.version} is missing"
             ) from None
-        key = (str(path), before.st_ino, before.st_size, before.st_mtime_ns)
-        with self._verified_lock:
-            actual = self._verified.get(key)
-        if actual is None:
-            actual = _sha256_file(path)
-            after = path.stat()
-            # Remember the digest only if the file did not change while it was being hashed.
-            if (after.st_ino, after.st_size, after.st_mtime_ns) == key[1:]:
-                with self._verified_lock:
-                    self._verified[key] = actual
-        if actual != mv.sha256:
-            raise ChecksumMismatch(str(path), mv.sha256, actual)
+        unlisted = [f for f in present if f not in mv.files]
+        if unlisted:
+            raise ManifestError(_unlisted_message(mv, folder / unlisted[0], len(unlisted)))
+        # model.onnx first: a replaced model is reported as that, not as its data.
+        for relative in sorted(mv.files, key=lambda f: (f != ARTIFACT, f)):
+            self._verify(mv, folder / relative, mv.files[relative])
+        for relative in self._external_data(path, mv.sha256):
+            if relative not in mv.external_data:
+                raise ManifestError(
+                    f"model {mv.name!r} version {mv.version}: the graph references external "
+                    f"data {folder / relative} that its manifest does not list as external data; "
+                    "register the model again"
+                )
         return path
+
+    def rehash(self, name: str, version: str) -> ModelVersion:
+        """Write a manifest for a version registered before manifests existed (schema 1), from
+        the files in its folder now; call it only after checking those files.
+
+        model.onnx must still match the sha256 recorded at registration, every external-data
+        file its graph references must be present, and every other file must be a top-level
+        plain file (it becomes an attachment). A version that already has a manifest is refused:
+        a file that no longer matches it changed after registration, and rehashing would bless
+        the change.
+        """
+        model_dir = self._existing_model_dir(name)
+        version = validate_version(version)
+        with self._locked(model_dir):
+            mv = self.get_version(name, version)
+            folder = Path(mv.artifact).parent
+            if mv.files:
+                raise RegistryError(
+                    f"model {name!r} version {version} already has a manifest (recorded when it "
+                    "was registered): nothing to rehash. If a file no longer matches it, the "
+                    "file changed after registration: restore it, or register the model again"
+                )
+            model = folder / ARTIFACT
+            actual = self._digests.digest(model)
+            if actual != mv.sha256:
+                raise ChecksumMismatch(
+                    str(model),
+                    mv.sha256,
+                    actual,
+                    "rehash trusts model.onnx only while it matches the sha256 recorded at "
+                    "registration; register the model again instead",
+                )
+            present = folder_files(folder)
+            external = external_data_files(model)
+            for relative in external:
+                if relative not in present:
+                    raise ManifestError(
+                        f"{model} references external data {folder / relative}, which is "
+                        "missing: put it back before rehashing"
+                    )
+            for relative in present:
+                if relative != ARTIFACT and relative not in external:
+                    validate_name(relative, what=f"attachment {folder / relative}")
+            files = {relative: self._digests.digest(folder / relative) for relative in present}
+            new = dataclasses.replace(
+                mv,
+                files=files,
+                manifest_sha256=manifest_digest(files),
+                external_data=external,
+            )
+            _write_atomic(folder / METADATA, _metadata_bytes(new, rehashed=_utc_now()))
+        _log.warning(
+            "rehashed model %r version %s: a manifest of %d files (%s) now vouches for them",
+            name,
+            version,
+            len(files),
+            ", ".join(files),
+        )
+        return new
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -168,7 +285,8 @@ class FileRegistry:
         description: str = "",
         attachments: Mapping[str, Path] | None = None,
     ) -> ModelVersion:
-        """Copy the artifact (and any attachments: file name -> source path) in as a new version.
+        """Copy the artifact, the external-data files its graph references (from beside it)
+        and any attachments (file name -> source path) in as a new version, with a manifest.
 
         Copying and hashing happen outside the lock; only numbering and the final rename of the
         staged folder are serialised.
@@ -177,22 +295,23 @@ class FileRegistry:
         src = Path(artifact_path)
         if not src.is_file():
             raise RegistryError(f"cannot register model {name!r}: artifact {src} is not a file")
-        extra = dict(attachments or {})
-        for filename, path in extra.items():
-            validate_name(filename, what="attachment name")
-            if filename in _RESERVED:
-                raise InvalidName(filename, "attachment name is reserved by the registry")
-            if not Path(path).is_file():
-                raise RegistryError(
-                    f"cannot register model {name!r}: attachment {path} is not a file"
-                )
+        extra = check_attachments(name, attachments)
 
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".staging-"))
         try:
             digest = _copy_hashing(src, staging / ARTIFACT)
+            # The external data the registered bytes reference, not what src says by now.
+            try:
+                external = external_data_files(staging / ARTIFACT, label=str(src))
+            except RegistryError as exc:
+                raise type(exc)(f"cannot register model {name!r}: {exc}") from None
+            files = {ARTIFACT: digest}
+            for relative, data in external_sources(name, src, external, extra).items():
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                files[relative] = _copy_hashing(data, staging / relative)
             for filename, path in extra.items():
-                _copy_hashing(Path(path), staging / filename)
+                files[filename] = _copy_hashing(Path(path), staging / filename)
             with self._locked(model_dir):
                 version = str(max(self._version_numbers(model_dir), default=0) + 1)
                 final = model_dir / version
@@ -208,6 +327,9 @@ class FileRegistry:
                     tags={str(k): str(v) for k, v in (tags or {}).items()},
                     features=tuple(features),
                     description=description,
+                    files=files,
+                    manifest_sha256=manifest_digest(files),
+                    external_data=external,
                 )
                 _write_atomic(staging / METADATA, _metadata_bytes(mv))
                 os.chmod(staging, 0o755)
@@ -265,13 +387,105 @@ class FileRegistry:
         version_dir = model_dir / version
         if version_dir.resolve().parent != model_dir.resolve():
             raise InvalidName(version, f"version folder {version_dir} resolves outside its model")
-        data = _read_json(version_dir / METADATA)
+        metadata = version_dir / METADATA
+        data = _read_json(metadata)
+        schema = data.get("schema", _LEGACY_SCHEMA)
+        if schema not in {_LEGACY_SCHEMA, _METADATA_SCHEMA}:
+            raise RegistryError(
+                f"{metadata}: metadata schema {schema!r} is not one this batchline reads "
+                f"({_LEGACY_SCHEMA} or {_METADATA_SCHEMA}); upgrade batchline"
+            )
+        if schema == _METADATA_SCHEMA and not data.get("files"):
+            raise RegistryError(
+                f"malformed metadata {metadata}: schema 2 but no manifest ('files')"
+            )
         # The folder is the source of truth for identity; the artifact path is derived from it.
         data.update(name=model_dir.name, version=version, artifact=str(version_dir / ARTIFACT))
         try:
             return ModelVersion.from_dict(data)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RegistryError(f"malformed metadata {version_dir / METADATA}: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RegistryError(f"malformed metadata {metadata}: {exc!r}") from exc
+
+    def _verify(self, mv: ModelVersion, path: Path, expected: str) -> None:
+        """`path` is a plain file (not a link) whose bytes hash to `expected`."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise ManifestError(
+                f"file {path} of model {mv.name!r} version {mv.version} is missing: restore it, "
+                "or register the model again"
+            ) from None
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file"
+            raise ManifestError(
+                f"file {path} of model {mv.name!r} version {mv.version} is {kind}: a registry "
+                "version holds plain files only; put the registered file back"
+            )
+        actual = self._digests.digest(path)
+        if actual != expected:
+            raise ChecksumMismatch(
+                str(path),
+                expected,
+                actual,
+                "restore the registered file, or register the model again",
+            )
+
+    def _external_data(self, model: Path, sha256: str) -> tuple[str, ...]:
+        """The external data a verified model.onnx references (parsed once per model digest)."""
+        with self._lock:
+            known = self._references.get(sha256)
+        if known is not None:
+            return known
+        found = external_data_files(model)
+        actual = self._digests.digest(model)
+        if actual != sha256:  # replaced while it was being read
+            raise ChecksumMismatch(str(model), sha256, actual)
+        with self._lock:
+            self._references[sha256] = found
+        return found
+
+    def _fetch_legacy(self, mv: ModelVersion, path: Path) -> Path:
+        """A version registered before manifests: model.onnx is checked; external data cannot be,
+        so a graph that references some is refused; other files are served with a warning."""
+        try:
+            actual = self._digests.digest(path)
+        except FileNotFoundError:
+            raise RegistryError(
+                f"artifact {path} of model {mv.name!r} version {mv.version} is missing"
+            ) from None
+        if actual != mv.sha256:
+            raise ChecksumMismatch(str(path), mv.sha256, actual)
+        external = self._external_data(path, mv.sha256)
+        if external:
+            raise ManifestError(
+                f"model {mv.name!r} version {mv.version} was registered before batchline kept "
+                f"manifests (metadata schema 1), and its graph references external data "
+                f"({', '.join(external)} in {path.parent}) that nothing verifies: check those "
+                f"files, then run `batchline registry rehash {mv.name} {mv.version} --registry "
+                f"{self._root}` (or register the model again)"
+            )
+        others = _legacy_files(path.parent)
+        if others:
+            self._warn_unverified(mv, path.parent, others)
+        return path
+
+    def _warn_unverified(self, mv: ModelVersion, folder: Path, files: list[str]) -> None:
+        with self._lock:
+            if (mv.name, mv.version) in self._warned:
+                return
+            self._warned.add((mv.name, mv.version))
+        _log.warning(
+            "model %r version %s was registered before batchline kept manifests (metadata "
+            "schema 1): %s in %s are not verified; check them, then run `batchline registry "
+            "rehash %s %s --registry %s`",
+            mv.name,
+            mv.version,
+            ", ".join(files),
+            folder,
+            mv.name,
+            mv.version,
+            self._root,
+        )
 
     @staticmethod
     def _read_aliases(model_dir: Path) -> dict[str, Any]:
@@ -297,11 +511,32 @@ def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _metadata_bytes(mv: ModelVersion) -> bytes:
-    data = mv.to_dict()
+def _metadata_bytes(mv: ModelVersion, **extra: str) -> bytes:
+    data: dict[str, Any] = {**mv.to_dict(), **extra}
     del data["artifact"]  # derived from where the version folder lives
     data["schema"] = _METADATA_SCHEMA
     return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def _legacy_files(folder: Path) -> list[str]:
+    """The names beside model.onnx and metadata.json in a folder (sorted; [] if it is gone)."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.name not in RESERVED)
+    except FileNotFoundError:
+        return []
+
+
+def _attachments(mv: ModelVersion) -> tuple[str, ...]:
+    return tuple(sorted(f for f in mv.files if f != ARTIFACT and f not in mv.external_data))
+
+
+def _unlisted_message(mv: ModelVersion, path: Path, count: int = 1) -> str:
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    return (
+        f"model {mv.name!r} version {mv.version}: {path}{more} is not in the version's "
+        "manifest: the registry did not put it there, and ONNX Runtime could load it as external "
+        "data; remove it (if it belongs to the version, register the model again with it)"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -323,16 +558,6 @@ def _local_path(artifact: str) -> Path:
     if parts.scheme != "file" or parts.netloc not in {"", "localhost"}:
         raise RegistryError(f"cannot fetch {artifact}: FileRegistry reads only local files")
     return Path(unquote(parts.path))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _copy_hashing(src: Path, dst: Path) -> str:

@@ -10,12 +10,17 @@ How batchline's registry maps onto MLflow:
 * ``register`` creates a run in the experiment ``batchline-registry`` (whose artifact location
   is the server's artifact proxy, ``mlflow-artifacts:/batchline-registry``, so uploads work
   whether the server was started with ``--artifacts-destination`` or ``--default-artifact-root``,
-  as long as it serves artifacts, the default), uploads ``model.onnx`` into the run's ``model/``
-  folder through ``PUT /api/2.0/mlflow-artifacts/artifacts/...``, logs the metrics on the run and
-  creates the model version with that folder as its source;
+  as long as it serves artifacts, the default), uploads ``model.onnx``, the external-data files
+  its graph references and any attachments into the run's ``model/`` folder through
+  ``PUT /api/2.0/mlflow-artifacts/artifacts/...``, logs the metrics on the run and creates the
+  model version with that folder as its source;
 * batchline's metadata lives in model-version tags: ``sha256`` (hex digest of model.onnx),
+  ``batchline.files`` (the manifest: every uploaded file, relative to ``model/`` -> sha256, JSON),
+  ``batchline.manifest_sha256`` (one digest over it), ``batchline.external_data`` (JSON list),
   ``batchline.signature``, ``batchline.metrics``, ``batchline.features`` (JSON) and
-  ``batchline.source``; any other tag not starting with ``mlflow.`` is a user tag;
+  ``batchline.source``; any other tag not starting with ``mlflow.`` is a user tag. A version
+  with only a ``sha256`` tag (registered outside batchline, or before manifests) is served as
+  the one file model.onnx, and refused if its graph references external data;
 * aliases are MLflow aliases (case-sensitive there; batchline writes them lower case). MLflow
   keeps no alias history, so ``set_alias`` records it in the registered-model tag
   ``batchline.alias_history.<alias>``: a JSON list of ``{"version": "3", "at": ISO-8601}``,
@@ -33,7 +38,9 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -45,8 +52,10 @@ from typing import IO, Any
 
 from registry_client.errors import (
     AliasNotFound,
+    AttachmentNotFound,
     ChecksumMismatch,
     InvalidName,
+    ManifestError,
     ModelNotFound,
     RegistryError,
     VersionNotFound,
@@ -57,6 +66,15 @@ from registry_client.http import (
     HttpStatusError,
     JsonHttpClient,
     backoff_delay,
+)
+from registry_client.manifest import (
+    DigestCache,
+    check_attachments,
+    check_manifest,
+    external_data_files,
+    external_sources,
+    manifest_digest,
+    sha256_file,
 )
 from registry_client.refs import (
     ModelRef,
@@ -78,6 +96,11 @@ SIGNATURE_TAG = "batchline.signature"
 METRICS_TAG = "batchline.metrics"
 FEATURES_TAG = "batchline.features"
 SOURCE_TAG = "batchline.source"
+FILES_TAG = "batchline.files"
+MANIFEST_TAG = "batchline.manifest_sha256"
+EXTERNAL_DATA_TAG = "batchline.external_data"
+# MLflow's limit on a model-version tag value (mlflow.utils.validation, MLflow 2.x and 3.x).
+MAX_TAG_VALUE = 100_000
 ALIAS_HISTORY_TAG = "batchline.alias_history."
 ALIAS_HISTORY_LIMIT = 100
 # Deprecated MLflow stages that `name@<alias>` falls back to when no such alias is set.
@@ -92,10 +115,11 @@ _log = logging.getLogger(__name__)
 class MlflowRegistry:
     """A Registry backed by an MLflow tracking server, reached over its REST API.
 
-    Guarantees, beyond the Registry protocol's: artifacts are cached under
-    ``cache_dir/<name>/<version>/model.onnx`` and a cached copy is used only while it hashes to
-    the version's ``sha256`` (a corrupt copy is downloaded again; a download that does not match
-    raises ChecksumMismatch and leaves the cache untouched); a server that refuses connections,
+    Guarantees, beyond the Registry protocol's: a version's files (model.onnx, its external
+    data, its attachments) are cached under ``cache_dir/<name>/<version>/`` and a cached copy is
+    used only while it hashes to its manifest entry (a corrupt copy is downloaded again; a
+    download that does not match raises ChecksumMismatch and leaves the cache untouched; a file
+    in the cached folder that the manifest does not list is removed); a server that refuses connections,
     times out or answers 5xx is retried with capped exponential backoff and then reported as
     RegistryUnavailable naming its URL; nothing is cached between calls except verified
     artifacts, so a restarted server is picked up by the same client.
@@ -123,8 +147,11 @@ class MlflowRegistry:
             headers=headers,
         )
         self._cache = Path(cache_dir).expanduser().resolve()
-        self._verified: dict[tuple[str, int, int, int], str] = {}
-        self._verified_lock = threading.Lock()
+        self._digests = DigestCache()
+        self._references: dict[str, tuple[str, ...]] = {}  # model sha256 -> external data
+        # Versions fetched (so verified) here: attachment() needs no server for them.
+        self._fetched: dict[tuple[str, str], ModelVersion] = {}
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"MlflowRegistry({self.base_url!r}, cache_dir={str(self._cache)!r})"
@@ -218,39 +245,60 @@ class MlflowRegistry:
         return history
 
     def fetch(self, mv: ModelVersion) -> Path:
+        """model.onnx's cached path, once every file of the version in the cache matches its
+        manifest entry (downloading what is missing or does not match)."""
         if _SHA256.fullmatch(mv.sha256) is None:
             raise RegistryError(
                 f"model {mv.name!r} version {mv.version} has no valid {SHA256_TAG!r} tag, so its "
                 "artifact cannot be verified: register it with batchline or set the tag"
             )
-        dest = self._cache_path(mv)
-        if dest.is_file():
-            actual = self._digest(dest)
-            if actual == mv.sha256:
-                return dest
-            _log.warning(
-                "cached artifact %s of %s@%s does not match its sha256 (%s); downloading again",
-                dest,
-                mv.name,
-                mv.version,
-                actual,
+        files = dict(mv.files) or {ARTIFACT: mv.sha256}
+        if mv.files:
+            check_manifest(
+                mv.files,
+                sha256=mv.sha256,
+                digest=mv.manifest_sha256,
+                external_data=mv.external_data,
+                where=f"the batchline tags of model {mv.name!r} version {mv.version} on "
+                f"{self.base_url}",
             )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{ARTIFACT}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w+b") as f:
-                self._download(mv, f)
-                f.seek(0)
-                actual = _sha256_stream(f)
-                os.fsync(f.fileno())
-            if actual != mv.sha256:
-                raise ChecksumMismatch(mv.artifact, mv.sha256, actual)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return dest
+        folder = self._cache_folder(mv)
+        for relative in sorted(files, key=lambda f: (f != ARTIFACT, f)):
+            self._cached(mv, folder, relative, files[relative])
+        model = folder / ARTIFACT
+        for relative in self._external_data(model, mv.sha256):
+            if relative not in mv.external_data:
+                how = (
+                    "register the model again"
+                    if mv.files
+                    else "it was registered without a batchline manifest, so nothing uploads or "
+                    "verifies that file: register it with batchline"
+                )
+                raise ManifestError(
+                    f"model {mv.name!r} version {mv.version}: the graph references external data "
+                    f"{relative!r} that the version's manifest does not list; {how}"
+                )
+        _sweep(folder, files)
+        with self._lock:
+            self._fetched[(mv.name, mv.version)] = mv
+        return model
+
+    def attachment(self, name: str, version: str, filename: str) -> Path:
+        """The cached path of a file registered alongside a version, after it matched its
+        manifest entry (downloaded if needed). AttachmentNotFound if there is no such file."""
+        validate_name(name)
+        version = validate_version(version)
+        filename = validate_name(filename, what="attachment name")
+        with self._lock:
+            mv = self._fetched.get((name, version))
+        if mv is None:
+            mv = self.get_version(name, version)
+        if filename not in mv.files:
+            known = tuple(
+                sorted(f for f in mv.files if f != ARTIFACT and f not in mv.external_data)
+            )
+            raise AttachmentNotFound(name, version, filename, known)
+        return self._cached(mv, self._cache_folder(mv), filename, mv.files[filename])
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -265,8 +313,11 @@ class MlflowRegistry:
         features: tuple[str, ...] = (),
         source: str = "",
         description: str = "",
+        attachments: Mapping[str, Path] | None = None,
     ) -> ModelVersion:
-        """Upload the artifact through the server's artifact proxy and create the next version."""
+        """Upload the artifact, the external-data files its graph references (from beside it)
+        and any attachments through the server's artifact proxy; create the next version with
+        the manifest in its tags."""
         validate_name(name)
         src = Path(artifact_path)
         if not src.is_file():
@@ -278,8 +329,21 @@ class MlflowRegistry:
                     key, "tag keys 'sha256', 'batchline.*' and 'mlflow.*' are reserved"
                 )
         metric_values = {str(k): float(v) for k, v in (metrics or {}).items()}
-        with src.open("rb") as f:
-            digest = _sha256_stream(f)
+        extra = check_attachments(name, attachments)
+        try:
+            external = external_data_files(src)
+        except RegistryError as exc:
+            raise type(exc)(f"cannot register model {name!r}: {exc}") from None
+        uploads = {ARTIFACT: src, **external_sources(name, src, external, extra), **extra}
+        files = {relative: sha256_file(path) for relative, path in uploads.items()}
+        digest = files[ARTIFACT]
+        manifest = _dumps(files)
+        if len(manifest) > MAX_TAG_VALUE:
+            raise RegistryError(
+                f"cannot register model {name!r}: its manifest of {len(files)} files is "
+                f"{len(manifest)} characters, over MLflow's tag limit of {MAX_TAG_VALUE}; save "
+                "the model's external data into fewer files (all_tensors_to_one_file=True)"
+            )
 
         self._ensure_registered_model(name)
         run_id, artifact_root = self._start_run(name, source)
@@ -292,7 +356,10 @@ class MlflowRegistry:
                     "(batchline recreates it on the artifact proxy) and run the server with "
                     "artifact serving on"
                 )
-            self._http.put_file(f"{ARTIFACTS_API}/{_quote(upload)}/{MODEL_DIR}/{ARTIFACT}", src)
+            for relative, path in uploads.items():
+                self._http.put_file(
+                    f"{ARTIFACTS_API}/{_quote(upload)}/{MODEL_DIR}/{_quote(relative)}", path
+                )
             if metric_values:
                 now_ms = _now_ms()
                 self._http.post(
@@ -314,6 +381,9 @@ class MlflowRegistry:
         version_tags = {
             **user_tags,
             SHA256_TAG: digest,
+            FILES_TAG: manifest,
+            MANIFEST_TAG: manifest_digest(files),
+            EXTERNAL_DATA_TAG: _dumps(list(external)),
             SIGNATURE_TAG: _dumps(signature.to_dict()),
             METRICS_TAG: _dumps(metric_values),
             FEATURES_TAG: _dumps(list(features)),
@@ -456,10 +526,13 @@ class MlflowRegistry:
             if not quiet:
                 raise
 
-    def _download(self, mv: ModelVersion, sink: IO[bytes]) -> None:
+    def _download(self, mv: ModelVersion, relative: str, sink: IO[bytes]) -> None:
+        """One file of the version (a path relative to model.onnx's folder) into `sink`."""
         try:
             proxied = _proxy_path(self._artifact_location(mv))
             if proxied is not None:
+                if relative != ARTIFACT:
+                    proxied = f"{posixpath.dirname(proxied)}/{relative}"
                 self._http.download(f"{ARTIFACTS_API}/{_quote(proxied)}", sink)
             else:
                 # A store only the server can read (a local path under --default-artifact-root,
@@ -468,12 +541,12 @@ class MlflowRegistry:
                 self._http.download(
                     "/model-versions/get-artifact",
                     sink,
-                    {"name": mv.name, "version": mv.version, "path": ARTIFACT},
+                    {"name": mv.name, "version": mv.version, "path": relative},
                 )
         except HttpStatusError as exc:
             if _not_found(exc):
                 raise RegistryError(
-                    f"artifact {mv.artifact} of model {mv.name!r} version {mv.version} "
+                    f"artifact {_remote(mv, relative)} of model {mv.name!r} version {mv.version} "
                     f"is missing on {self.base_url}"
                 ) from None
             raise
@@ -495,23 +568,63 @@ class MlflowRegistry:
             uri = f"{root}/{relative}"
         return uri
 
-    def _cache_path(self, mv: ModelVersion) -> Path:
-        return self._cache / validate_name(mv.name) / validate_version(mv.version) / ARTIFACT
+    def _cache_folder(self, mv: ModelVersion) -> Path:
+        return self._cache / validate_name(mv.name) / validate_version(mv.version)
 
-    def _digest(self, path: Path) -> str:
-        before = path.stat()
-        key = (str(path), before.st_ino, before.st_size, before.st_mtime_ns)
-        with self._verified_lock:
-            known = self._verified.get(key)
+    def _cached(self, mv: ModelVersion, folder: Path, relative: str, expected: str) -> Path:
+        """`folder/relative`, verified against `expected`; downloaded (to a temporary file
+        beside the version's folder, renamed in once it matches) when missing or different."""
+        dest = folder / relative
+        if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+            _log.warning("cache entry %s is not a plain file; downloading again", dest)
+            _remove(dest)
+        elif dest.is_file():
+            actual = self._digests.digest(dest)
+            if actual == expected:
+                return dest
+            _log.warning(
+                "cached %s of %s@%s does not match its sha256 (%s); downloading again",
+                dest,
+                mv.name,
+                mv.version,
+                actual,
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                self._download(mv, relative, f)
+                f.seek(0)
+                actual = _sha256_stream(f)
+                os.fsync(f.fileno())
+            if actual != expected:
+                raise ChecksumMismatch(
+                    _remote(mv, relative),
+                    expected,
+                    actual,
+                    f"the copy on {self.base_url} is not what was registered: restore it there, "
+                    "or register the model again",
+                )
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest
+
+    def _external_data(self, model: Path, sha256: str) -> tuple[str, ...]:
+        """The external data a verified cached model.onnx references (parsed once per digest)."""
+        with self._lock:
+            known = self._references.get(sha256)
         if known is not None:
             return known
-        with path.open("rb") as f:
-            actual = _sha256_stream(f)
-        after = path.stat()
-        if (after.st_ino, after.st_size, after.st_mtime_ns) == key[1:]:
-            with self._verified_lock:
-                self._verified[key] = actual
-        return actual
+        found = external_data_files(model)
+        actual = self._digests.digest(model)
+        if actual != sha256:  # replaced while it was being read
+            raise ChecksumMismatch(str(model), sha256, actual)
+        with self._lock:
+            self._references[sha256] = found
+        return found
 
     def _to_model_version(self, record: Mapping[str, Any]) -> ModelVersion:
         name, version = str(record["name"]), str(record["version"])
@@ -525,6 +638,8 @@ class MlflowRegistry:
             )
             metrics = {str(k): float(v) for k, v in json.loads(tags.get(METRICS_TAG, "{}")).items()}
             features = tuple(str(f) for f in json.loads(tags.get(FEATURES_TAG, "[]")))
+            files = {str(k): str(v) for k, v in json.loads(tags.get(FILES_TAG, "{}")).items()}
+            external = tuple(str(f) for f in json.loads(tags.get(EXTERNAL_DATA_TAG, "[]")))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise RegistryError(
                 f"model {name!r} version {version}: malformed batchline tag: {exc!r}"
@@ -543,6 +658,9 @@ class MlflowRegistry:
             tags={k: v for k, v in tags.items() if not _reserved_tag(k)},
             features=features,
             description=str(record.get("description", "")),
+            files=files,
+            manifest_sha256=tags.get(MANIFEST_TAG, ""),
+            external_data=external,
         )
 
 
@@ -567,6 +685,44 @@ def _history_of(model: Mapping[str, Any], alias: str) -> list[dict[str, str]]:
             f"model {model.get('name')!r}: malformed alias history tag {key!r} ({exc}); "
             "fix or delete the tag"
         ) from exc
+
+
+def _remote(mv: ModelVersion, relative: str) -> str:
+    """The URI of one file of the version, for messages."""
+    if relative == ARTIFACT:
+        return mv.artifact
+    return f"{posixpath.dirname(mv.artifact)}/{relative}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sweep(folder: Path, files: Mapping[str, str]) -> None:
+    """Remove from a cached version folder whatever its manifest does not list."""
+    for current, dirnames, filenames in os.walk(folder):
+        base = Path(current)
+        prefix = base.relative_to(folder).as_posix()
+        prefix = "" if prefix == "." else prefix + "/"
+        for entry in [*dirnames, *filenames]:
+            relative = prefix + entry
+            path = base / entry
+            if relative in files and path.is_file() and not path.is_symlink():
+                continue
+            if entry in dirnames and not path.is_symlink() and _holds_listed(relative, files):
+                continue
+            _log.warning(
+                "removing %s from the cache: the version's manifest does not list it", path
+            )
+            _remove(path)
+        dirnames[:] = [d for d in dirnames if (base / d).is_dir()]
+
+
+def _holds_listed(folder: str, files: Mapping[str, str]) -> bool:
+    return any(f.startswith(folder + "/") for f in files)
 
 
 def _reserved_tag(key: str) -> bool:

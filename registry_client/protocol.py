@@ -15,8 +15,10 @@ class Registry(Protocol):
     """A store of immutable, numbered model versions and movable aliases pointing at them.
 
     Implementations guarantee: versions are assigned 1, 2, 3, ... per model and never reused;
-    `fetch` returns a local path only after the bytes match the recorded sha256; lookups of an
-    unknown model, version or alias raise ModelNotFound / VersionNotFound / AliasNotFound.
+    `fetch` returns a local path only after every file of the version (model.onnx, the external
+    data its graph references, its attachments) matches the version's manifest, and
+    `attachment` only after that file does; lookups of an unknown model, version, alias or
+    attachment raise ModelNotFound / VersionNotFound / AliasNotFound / AttachmentNotFound.
     """
 
     def list_models(self) -> list[str]:
@@ -34,7 +36,11 @@ class Registry(Protocol):
         ...
 
     def fetch(self, mv: ModelVersion) -> Path:
-        """A local path to the artifact, verified against `mv.sha256` (ChecksumMismatch if not)."""
+        """A local path to model.onnx, its version verified (ChecksumMismatch, ManifestError)."""
+        ...
+
+    def attachment(self, name: str, version: str, filename: str) -> Path:
+        """A local path to a file registered with the version, verified against its manifest."""
         ...
 
     def register(
@@ -48,8 +54,10 @@ class Registry(Protocol):
         features: tuple[str, ...] = (),
         source: str = "",
         description: str = "",
+        attachments: Mapping[str, Path] | None = None,
     ) -> ModelVersion:
-        """Copy the artifact in, record its sha256 and return it as the next version."""
+        """Copy the artifact, its external data and `attachments` (file name -> source) in,
+        record their manifest and return it as the next version."""
         ...
 
     def set_alias(self, name: str, alias: str, version: str) -> None:

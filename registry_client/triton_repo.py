@@ -17,6 +17,7 @@ config.pbtxt is protobuf text format; the small reader here handles what Triton 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,21 +271,22 @@ class Imported:
 def import_models(
     registry: Registry,
     models: list[TritonModel],
-    read_signature: Any,
+    prepare: Callable[[Path], tuple[Path, Signature, dict[str, str]]],
     *,
     source: str,
 ) -> list[Imported]:
-    """Register every version of every model (in Triton's order)."""
+    """Register every version of every model (in Triton's order); `prepare` gives the file to
+    register for a model file, its signature and tags (the registry CLI's servable check)."""
     done = []
     for model in models:
         registered = []
         for triton_version, path in model.versions:
-            signature: Signature = read_signature(path)
+            artifact, signature, tags = prepare(path)
             mv = registry.register(
                 model.name,
-                path,
+                artifact,
                 signature=signature,
-                tags={**model.settings.tags(), "triton.version": str(triton_version)},
+                tags={**tags, **model.settings.tags(), "triton.version": str(triton_version)},
                 source=source,
                 description=f"imported from {path}",
             )

@@ -79,9 +79,14 @@ class ModelVersion:
     """One immutable registered version of a model.
 
     `artifact` locates model.onnx (an absolute local path or a URI); `sha256` is the hex digest
-    of its bytes, recorded at registration and checked by `Registry.fetch`. `features` is the
-    ordered list of input feature names (may be empty). Versions are positive integers as strings.
-    The dict fields take no part in hashing, so a ModelVersion can still key a dict or a set.
+    of its bytes, recorded at registration and checked by `Registry.fetch`. `files` is the
+    version's manifest: every file of the version (model.onnx, the external-data files its
+    graph references, listed again in `external_data`, and each attachment) by its path
+    relative to model.onnx's folder -> hex sha256; `manifest_sha256` is one digest over it (see
+    ``registry_client.manifest``). Both are empty for a version registered before manifests
+    existed, whose other files nothing verifies. `features` is the ordered list of input
+    feature names (may be empty). Versions are positive integers as strings. The dict fields
+    take no part in hashing, so a ModelVersion can still key a dict or a set.
     """
 
     name: str
@@ -95,6 +100,9 @@ class ModelVersion:
     tags: dict[str, str] = field(hash=False)
     features: tuple[str, ...]
     description: str = ""
+    files: dict[str, str] = field(default_factory=dict, hash=False)
+    manifest_sha256: str = ""
+    external_data: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +117,9 @@ class ModelVersion:
             "tags": dict(self.tags),
             "features": list(self.features),
             "description": self.description,
+            "files": dict(sorted(self.files.items())),
+            "manifest_sha256": self.manifest_sha256,
+            "external_data": list(self.external_data),
         }
 
     @classmethod
@@ -125,4 +136,7 @@ class ModelVersion:
             tags={str(k): str(v) for k, v in data.get("tags", {}).items()},
             features=tuple(str(f) for f in data.get("features", ())),
             description=str(data.get("description", "")),
+            files={str(k): str(v) for k, v in data.get("files", {}).items()},
+            manifest_sha256=str(data.get("manifest_sha256", "")),
+            external_data=tuple(str(f) for f in data.get("external_data", ())),
         )

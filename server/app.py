@@ -36,6 +36,7 @@ from server.observability.metrics import (
     FeatureMetrics,
     Metrics,
     MirrorCollector,
+    PairLogCollector,
 )
 from server.observability.tracing import Tracing
 from server.pipeline import InferencePipeline
@@ -115,10 +116,13 @@ class App:
             self.drift = DriftProducer(
                 d.target,
                 queue_size=d.queue_size,
+                max_queue_bytes=d.max_queue_bytes,
                 chunk=d.chunk,
                 sample_ratio=d.sample_ratio,
                 clock=self.clock,
                 backoff_max_s=d.backoff_max_s,
+                token=d.resolved_token(),
+                warn_after_s=d.warn_after_s,
             )
             self.metrics.registry.register(DriftProducerCollector(self.drift))
         self.pipeline = InferencePipeline(
@@ -143,12 +147,15 @@ class App:
             self.models, control_store, bus=self.bus, poll_interval_s=srv.poll_interval_s
         )
         self.pair_log = PairLog(
-            srv.shadow_log_max_pairs, path=self._pair_log_path(srv.worker_index)
+            srv.shadow_log_max_pairs,
+            path=self._pair_log_path(srv.worker_index),
+            max_memory_bytes=srv.shadow_log_max_memory_bytes,
         )
         self.pipeline.pair_log = self.pair_log
         self.metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
         self.models.pair_sink = self.pair_log.append  # type: ignore[method-assign]
         self.metrics.registry.register(MirrorCollector(self.models.slots))
+        self.metrics.registry.register(PairLogCollector(self.pair_log))
         self.health = Health()
         self.grpc_port = 0
         self.http_port = 0

@@ -122,6 +122,9 @@ def decide(
 
 def shape_key(inputs: Arrays) -> tuple[tuple[int, ...], ...]:
     """Requests may share a batch only when every input's non-batch dimensions agree."""
+    if len(inputs) == 1:  # the common case, without a generator
+        for a in inputs.values():
+            return (a.shape[1:],)
     return tuple(a.shape[1:] for a in inputs.values())
 
 

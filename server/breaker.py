@@ -162,12 +162,29 @@ class BreakerConfig:
         return self.minimum_number_of_calls
 
 
-@dataclass(frozen=True, slots=True)
 class Permit:
-    """Leave to run one call, from `CircuitBreaker.allow`; hand it back to record or release."""
+    """Leave to run one call, from `CircuitBreaker.allow`; hand it back to record or release.
 
-    generation: int
-    serial: int
+    A plain slotted class, not a frozen dataclass: one is made per request, and a frozen
+    dataclass's __init__ costs an object.__setattr__ per field."""
+
+    __slots__ = ("generation", "serial")
+
+    def __init__(self, generation: int, serial: int) -> None:
+        self.generation = generation
+        self.serial = serial
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Permit) and (self.generation, self.serial) == (
+            other.generation,
+            other.serial,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.generation, self.serial))
+
+    def __repr__(self) -> str:
+        return f"Permit(generation={self.generation}, serial={self.serial})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +372,9 @@ class CircuitBreaker:
 
     def allow(self, now: float) -> Permit | None:
         """A permit to run one call now, or None when the breaker rejects it."""
+        if self._state is BreakerState.CLOSED:  # the hot path: nothing can move
+            self._serial += 1
+            return Permit(self._generation, self._serial)
         cfg = self.config
         if self._state is BreakerState.OPEN:
             if now > self._entered_at + cfg.wait_duration_in_open_s:
@@ -362,8 +382,8 @@ class CircuitBreaker:
         elif self._state is BreakerState.HALF_OPEN:
             self._check_half_open_deadline(now)
 
-        state = self._state
-        if state is BreakerState.CLOSED or state is BreakerState.DISABLED:
+        state = self._state  # not CLOSED: no transition above leads there
+        if state is BreakerState.DISABLED:
             return self._issue()
         if (
             state is BreakerState.HALF_OPEN
@@ -391,6 +411,17 @@ class CircuitBreaker:
 
     def record(self, permit: Permit, ok: bool, duration_s: float, now: float) -> None:
         """Count the outcome of a call admitted by `allow`; may move the state."""
+        if self._state is BreakerState.CLOSED:  # the hot path, the same steps as below
+            if permit.generation != self._generation:
+                return
+            outcome = (0 if ok else _FAILED) | (
+                _SLOW if duration_s > self.config.slow_call_duration_s else 0
+            )
+            window = self._window
+            window.add(outcome, _second(now))
+            if window.calls >= window.minimum:
+                self._judge(now)
+            return
         if self._state is BreakerState.HALF_OPEN:
             self._check_half_open_deadline(now)
         if permit.generation != self._generation:
@@ -399,8 +430,10 @@ class CircuitBreaker:
             if permit.serial not in self._probes:
                 return
             self._probes.discard(permit.serial)
-        elif self._state is not BreakerState.CLOSED:
-            return  # DISABLED counts nothing (OPEN and FORCED_OPEN issue no permits)
+        else:
+            # CLOSED was handled above; DISABLED counts nothing (OPEN and FORCED_OPEN issue no
+            # permits).
+            return
         slow = duration_s > self.config.slow_call_duration_s
         outcome = (0 if ok else _FAILED) | (_SLOW if slow else 0)
         self._window.add(outcome, _second(now))

@@ -17,8 +17,9 @@ class MonotonicClock:
 
     __slots__ = ()
 
-    def now(self) -> float:
-        return time.monotonic()
+    # The builtin itself, not a method calling it: `clock.now()` is one C call on the hot path
+    # (several per request).
+    now = staticmethod(time.monotonic)
 
 
 class FakeClock:

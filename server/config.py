@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from server.breaker import BreakerConfig
-from server.drift import DriftSettings
+from server.drift import DriftSettings, settings_from_env
 from server.drift import check_settings as check_drift
 from server.errors import ConfigError
 from server.observability.tracing import TracingSettings
@@ -124,6 +124,9 @@ class ServerSettings:
     max_request_id_bytes: int = 256
     ready_file: str = ""
     log_level: str = "info"
+    # "text" (one readable line per event), "json" (JSON lines, for log shippers) or "auto":
+    # text when stderr is a terminal, JSON otherwise.
+    log_format: str = "auto"
     # Seconds between checks of each served alias in the registry; 0 turns watching off.
     poll_interval_s: float = 2.0
     # Bearer token for admin RPCs (AdminService, ModelStatus, RepositoryModelLoad/Unload).
@@ -167,6 +170,8 @@ class ServerSettings:
     # Where shadow pairs go besides memory (JSON lines, rotated); read by `batchline shadow report`.
     shadow_log: str = ""
     shadow_log_max_pairs: int = 10000
+    # The pairs kept in memory are bounded in bytes too (ids, per-row scores and labels).
+    shadow_log_max_memory_bytes: int = 32 * 1024 * 1024
     # Seconds between promotion-gate checks (models with gate_action other than "off").
     gate_interval_s: float = 10.0
     # The name under which this deployment's control state (routes, pinned refs) lives in the
@@ -203,6 +208,7 @@ _ENV = {
     "BATCHLINE_WORKERS": "workers",
     "BATCHLINE_GRACE_PERIOD_S": "grace_period_s",
     "BATCHLINE_LOG_LEVEL": "log_level",
+    "BATCHLINE_LOG_FORMAT": "log_format",
     "BATCHLINE_POLL_INTERVAL_S": "poll_interval_s",
     "BATCHLINE_ADMIN_TOKEN": "admin_token",
     "BATCHLINE_ADMIN_TOKEN_FILE": "admin_token_file",
@@ -367,6 +373,15 @@ def _check_server(s: ServerSettings) -> None:
             ) from None
         if not token:
             raise ConfigError(f"server.admin_token_file: {s.admin_token_file} is empty")
+    if s.shadow_log_max_pairs < 1:
+        raise ConfigError(
+            f"server.shadow_log_max_pairs: expected >= 1, got {s.shadow_log_max_pairs}"
+        )
+    if s.shadow_log_max_memory_bytes < 1:
+        raise ConfigError(
+            "server.shadow_log_max_memory_bytes: expected >= 1, got "
+            f"{s.shadow_log_max_memory_bytes}"
+        )
     if s.max_request_id_bytes < 1:
         raise ConfigError(
             f"server.max_request_id_bytes: expected >= 1, got {s.max_request_id_bytes}"
@@ -401,6 +416,8 @@ def _check_server(s: ServerSettings) -> None:
             raise ConfigError(f"server.{name}: {value} is not a readable file")
     if s.poll_interval_s < 0:
         raise ConfigError(f"server.poll_interval_s: expected >= 0, got {s.poll_interval_s}")
+    if s.log_format not in ("auto", "text", "json"):
+        raise ConfigError(f"server.log_format: expected auto, text or json, got {s.log_format!r}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f"server.log_level: expected debug, info, warning or error, got {s.log_level!r}"
@@ -452,6 +469,8 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     drift = DriftSettings(**_apply("drift", _DRIFT_KEYS, data.get("drift", {})))
+    # BATCHLINE_DRIFT_TOKEN / BATCHLINE_DRIFT_TOKEN_FILE (server/drift: both ends read them).
+    drift = settings_from_env(drift, env or {})
     check_drift(drift)
 
     server_values = _apply("server", _SERVER_KEYS, data.get("server", {}))
@@ -475,10 +494,19 @@ def load_settings(
         if not isinstance(table, dict):
             raise ConfigError(f"models.{name}: expected a table")
         tables[name] = _apply(f"models.{name}", _MODEL_KEYS, table)
+    given: dict[str, str] = {}
     for ref in model_refs:
         name = ref.split("@", 1)[0]
         if "@" not in ref or not name:
             raise ConfigError(f"--model: expected NAME@ALIAS or NAME@VERSION, got {ref!r}")
+        if given.get(name, ref) != ref:
+            # One version per model name answers by default; a second one is a route.
+            raise ConfigError(
+                f"--model {given[name]} and --model {ref} both serve model {name!r}: give one; "
+                f"to run another version beside it use --canary VERSION --canary-percent P or "
+                f"--shadow VERSION"
+            )
+        given[name] = ref
         tables.setdefault(name, {})["ref"] = ref
     models = []
     for name, values in tables.items():

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from registry_client import ModelVersion, Registry
-from registry_client.errors import RegistryError
+from registry_client.errors import AttachmentNotFound, RegistryError
 from registry_client.refs import parse_ref
 from server.batching import BatchPolicy, DynamicBatcher
 from server.breaker import CircuitBreaker
@@ -52,6 +52,10 @@ class ServedModel:
     # entity ids instead of features, and the model input the features fill.
     view: FeatureView | None = None
     entity_signature: ModelSignature | None = None
+    # The feature input and the entity key together: a request may send both (the features are
+    # used, the ids only route and label it), which is what clients that fill every input the
+    # metadata lists (perf_analyzer, tritonclient's generic tools) do.
+    combined_signature: ModelSignature | None = None
     feature_input: str = ""
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker("unset"))
     # Which outputs are a classifier's scores (first float) and labels (first integer):
@@ -61,6 +65,9 @@ class ServedModel:
     # One row of each output, in signature order, answered while the breaker is open.
     static_fallback: list[np.ndarray] | None = None
     in_flight: int = 0
+    # The transport's per-version decode state (server/api/codec.Limits and its plans): kept
+    # here so it is released with the version, and found with one attribute read.
+    decode_state: Any = None
 
     @property
     def signature(self) -> ModelSignature:
@@ -629,6 +636,14 @@ class ModelManager:
             static_fallback=_static_fallback(settings, runtime.signature),
             view=view,
             entity_signature=entity_signature,
+            combined_signature=(
+                None
+                if entity_signature is None
+                else ModelSignature(
+                    inputs=(*runtime.signature.inputs, *entity_signature.inputs),
+                    outputs=runtime.signature.outputs,
+                )
+            ),
             feature_input=feature_input,
             key=key,
             alias=alias,
@@ -651,8 +666,13 @@ class ModelManager:
             return None, None, ""
         try:
             path = attachment(mv.name, mv.version, "feature_view.json")
-        except RegistryError:
-            return None, None, ""
+        except AttachmentNotFound:
+            return None, None, ""  # a model without a feature view
+        except RegistryError as exc:
+            # Present but failing its check (tampered, unlisted): never serve without it.
+            raise FailedPrecondition(
+                f"{mv.name} version {mv.version}: feature_view.json: {exc}"
+            ) from exc
         try:
             view = FeatureView.from_json(path.read_text())
         except (OSError, ValueError, KeyError) as exc:

@@ -122,7 +122,12 @@ class InferencePipeline:
         try:
             view = served.view
             if view is not None and view.entity_key in request.inputs:
-                request.inputs, parameters = await self._features_for(served, view, request)
+                if served.feature_input in request.inputs:
+                    # Features sent with the ids: they are what the model gets (the ids have
+                    # routed the request already: the canary split, the drift entity id).
+                    del request.inputs[view.entity_key]
+                else:
+                    request.inputs, parameters = await self._features_for(served, view, request)
             outputs, answered = await self._run(served, request, parameters)
             if role == "canary":
                 parameters["route"] = "canary"
@@ -131,11 +136,11 @@ class InferencePipeline:
                 selected = dict(zip(index, outputs, strict=True))
             else:
                 selected = {name: outputs[index[name]] for name in request.outputs}
-            if self._drift is not None:
+            if self._drift is not None and request.observed:
                 self._record_drift(
                     answered, role, request, sticky, outputs, self._clock.now() - start
                 )
-            if route is not None and route.shadows and request.version is None:
+            if route is not None and route.shadows and request.version is None and request.observed:
                 self._mirror(served, route, request, sticky, outputs, self._clock.now() - start)
             return InferResult(
                 model=answered.key.name,

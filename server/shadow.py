@@ -36,7 +36,32 @@ from server.drift.profile import bin_counts, quantile_edges
 PSI_BINS = 10
 DEFAULT_MAX_PAIRS = 10_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MEMORY_BYTES = 32 * 1024 * 1024
 DEFAULT_BACKUPS = 3
+# What a pair held in memory costs besides its strings' characters and its rows: the object,
+# its five str headers, four tuples and number objects (617 bytes by sys.getsizeof; rounded up). Each row adds two scores (a float object and its
+# tuple slot: 32 bytes each) and two labels (36 each, an int object that is not cached).
+PAIR_OVERHEAD_BYTES = 640
+PAIR_ROW_SCORE_BYTES = 32
+PAIR_ROW_LABEL_BYTES = 36
+
+
+def _str_bytes(text: str) -> int:
+    return len(text) if text.isascii() else 4 * len(text)
+
+
+def pair_bytes(pair: ShadowPair) -> int:
+    """What one pair is charged against PairLog's `max_memory_bytes` (an upper bound)."""
+    return (
+        PAIR_OVERHEAD_BYTES
+        + _str_bytes(pair.model)
+        + _str_bytes(pair.primary_version)
+        + _str_bytes(pair.shadow_version)
+        + _str_bytes(pair.request_id)
+        + _str_bytes(pair.entity_id)
+        + PAIR_ROW_SCORE_BYTES * (len(pair.primary_scores) + len(pair.shadow_scores))
+        + PAIR_ROW_LABEL_BYTES * (len(pair.primary_labels) + len(pair.shadow_labels))
+    )
 
 
 def score_rows(scores: npt.ArrayLike | None) -> tuple[float, ...]:
@@ -196,9 +221,11 @@ class LogContents:
 
 
 class PairLog:
-    """A bounded local log of shadow pairs: the newest `max_pairs` in memory, and, with a `path`,
-    an append-only JSON-lines file rotated to ``path.1`` .. ``path.<backups>`` when it would
-    exceed `max_bytes` (so the disk holds at most about (backups + 1) * max_bytes).
+    """A bounded local log of shadow pairs: the newest `max_pairs` in memory, taking at most
+    `max_memory_bytes` (see `pair_bytes`; older pairs go first, counted in `evicted` by the bound
+    that pushed them out), and, with a `path`, an append-only JSON-lines file rotated to
+    ``path.1`` .. ``path.<backups>`` when it would exceed `max_bytes` (so the disk holds at most
+    about (backups + 1) * max_bytes).
 
     Shed and failure counts are only added up by `note_shed` / `note_failure` (O(1), no I/O) and
     written as one "counts" record with the next `append` or `flush`. Event-loop use only: not
@@ -214,14 +241,25 @@ class PairLog:
         max_bytes: int = DEFAULT_MAX_BYTES,
         backups: int = DEFAULT_BACKUPS,
         now_ns: Callable[[], int] = time.time_ns,
+        max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
     ) -> None:
         if max_pairs < 1:
             raise ValueError(f"max_pairs: expected an integer >= 1, got {max_pairs!r}")
+        if max_memory_bytes < 1:
+            raise ValueError(
+                f"max_memory_bytes: expected an integer >= 1, got {max_memory_bytes!r}"
+            )
         if max_bytes < 1:
             raise ValueError(f"max_bytes: expected an integer >= 1, got {max_bytes!r}")
         if backups < 0:
             raise ValueError(f"backups: expected an integer >= 0, got {backups!r}")
-        self._pairs: deque[ShadowPair] = deque(maxlen=max_pairs)
+        self.max_pairs = max_pairs
+        self.max_memory_bytes = max_memory_bytes
+        self._pairs: deque[ShadowPair] = deque()
+        self._pair_sizes: deque[int] = deque()  # pair_bytes of each pair held, in step
+        self._memory_bytes = 0
+        # Pairs pushed out of memory, by the bound that did it ("pairs": max_pairs, "bytes").
+        self.evicted: dict[str, int] = {"pairs": 0, "bytes": 0}
         self._counts: deque[CountRecord] = deque(maxlen=max_pairs)
         self._pending_shed: dict[str, int] = {}
         self._pending_failed: dict[tuple[str, str], int] = {}
@@ -242,8 +280,22 @@ class PairLog:
 
     def append(self, pair: ShadowPair) -> None:
         self._write_counts()
+        size = pair_bytes(pair)
         self._pairs.append(pair)
+        self._pair_sizes.append(size)
+        self._memory_bytes += size
+        while self._pairs and (
+            len(self._pairs) > self.max_pairs or self._memory_bytes > self.max_memory_bytes
+        ):
+            self.evicted["pairs" if len(self._pairs) > self.max_pairs else "bytes"] += 1
+            self._pairs.popleft()
+            self._memory_bytes -= self._pair_sizes.popleft()
         self._write({"type": "pair", **pair.to_dict()})
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the pairs held in memory are charged (pair_bytes), at most max_memory_bytes."""
+        return self._memory_bytes
 
     def note_shed(self, model: str, n: int = 1) -> None:
         self._pending_shed[model] = self._pending_shed.get(model, 0) + n

@@ -92,6 +92,9 @@ class InferRequest:
     trace: Any = None
     # The binding it came in on ("grpc" or "http"), a label of the request metrics.
     protocol: str = "grpc"
+    # False for traffic that must stay out of drift and shadow statistics (the request said
+    # `drift: false`, or tagged itself `traffic: <not live>`, as load tests do).
+    observed: bool = True
 
 
 @dataclass(slots=True)

@@ -152,7 +152,7 @@ def decode_request(
             else:
                 array = None
             if array is not None:
-                return InferRequest(
+                fast = InferRequest(
                     model=request.model_name,
                     version=version,
                     id=request.id,
@@ -162,7 +162,12 @@ def decode_request(
                     raw_output=True,
                     deadline=deadline,
                 )
+                if request.parameters:
+                    fast.observed = observed(request.parameters)
+                return fast
     decoded = _decode_full(request, signature, limits, version, deadline)
+    if request.parameters:
+        decoded.observed = observed(request.parameters)
     if len(tensors) == 1 and len(raw_contents) == 1 and decoded.inputs:
         array = next(iter(decoded.inputs.values()))
         if len(limits.plans) >= _MAX_PLANS:
@@ -171,6 +176,38 @@ def decode_request(
             (None, array.size) if array.dtype == object else (array.dtype, array.nbytes)
         )
     return decoded
+
+
+_LIVE_TRAFFIC = ("", "live")
+
+
+def observed(parameters: Any) -> bool:
+    """Whether a request counts in drift and shadow statistics, from its parameters:
+    `drift` (bool, or the string "true"/"false") false, or `traffic` (a string tag) anything but
+    "live", keep it out; other parameters are the model's business and ignored here."""
+    counted = True
+    for key in parameters:
+        if key != "drift" and key != "traffic":
+            continue
+        param = parameters[key]
+        kind = param.WhichOneof("parameter_choice")
+        if key == "drift":
+            if kind == "bool_param":
+                counted = counted and param.bool_param
+            elif kind == "string_param" and param.string_param.lower() in ("true", "false"):
+                counted = counted and param.string_param.lower() == "true"
+            else:
+                raise InvalidArgument(
+                    "parameters.drift: expected a bool (bool_param, or string_param "
+                    f'"true"/"false"), got {kind or "nothing"}'
+                )
+        else:
+            if kind != "string_param":
+                raise InvalidArgument(
+                    f"parameters.traffic: expected a string tag (string_param), got {kind or 'nothing'}"
+                )
+            counted = counted and param.string_param in _LIVE_TRAFFIC
+    return counted
 
 
 def _requested_outputs(request: Any, signature: ModelSignature) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ def server_metadata() -> dict[str, Any]:
 
 
 def model_metadata(served: ServedModel, versions: Sequence[str]) -> dict[str, Any]:
+    # The feature input only: an entity-keyed model's entity key is in the config's parameters.
     sig = served.signature
     return {
         "name": served.key.name,
@@ -102,6 +103,19 @@ def model_config(served: ServedModel) -> dict[str, Any]:
         "execution": "inline" if served.inline else "executor",
         **{f"metric.{k}": f"{v:.6g}" for k, v in mv.metrics.items()},
     }
+    view = served.view
+    if view is not None:
+        # Entity-keyed serving: a request may send `entity_key` (BYTES [-1], one id per row)
+        # instead of `feature_input` (the server then reads the features itself), or both (the
+        # features are used; the ids route the request and label its drift record). Not among
+        # `input`, nor in the metadata's inputs: clients that fill every input would send it.
+        params.update(
+            entity_key=view.entity_key,
+            entity_key_datatype="BYTES",
+            entity_key_shape="[-1]",
+            feature_input=served.feature_input,
+            feature_view=view.name,
+        )
     config["parameters"] = {key: {"string_value": str(value)} for key, value in params.items()}
     return config
 

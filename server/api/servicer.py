@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -51,8 +50,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._max_elements = max_tensor_elements
         self._max_id_bytes = max_request_id_bytes
         self._is_ready = is_ready
-        # Per served version; weak keys, so a retired version's plans die with it.
-        self._limits: weakref.WeakKeyDictionary[ServedModel, Limits] = weakref.WeakKeyDictionary()
         self._wire = RawResponseEncoder()
         # When the last inference call arrived (the drain waits for a quiet moment).
         self.last_call = clock.now()
@@ -63,20 +60,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if not request.model_name:
             raise InvalidArgument("model_name is required")
         served = self._pipeline.resolve(request.model_name, request.model_version)
-        limits = self._limits.get(served)
+        limits = served.decode_state
         if limits is None:
-            limits = self._limits[served] = Limits(
+            limits = served.decode_state = Limits(
                 served.max_batch_size, self._max_elements, self._max_id_bytes
             )
         deadline = None if remaining is None else self._clock.now() + remaining
-        signature = served.signature
         entity_signature = served.entity_signature
-        if (
-            entity_signature is not None
-            and len(request.inputs) == 1
-            and request.inputs[0].name == entity_signature.inputs[0].name
-        ):
-            signature = entity_signature
+        signature = served.runtime.signature
+        if entity_signature is not None:
+            key = entity_signature.inputs[0].name
+            tensors = request.inputs
+            if len(tensors) == 1 and tensors[0].name == key:
+                signature = entity_signature  # ids only: the server reads the features
+            elif len(tensors) == 2 and (tensors[0].name == key or tensors[1].name == key):
+                signature = served.combined_signature or signature  # features win over ids
         try:
             # version None: the caller named no version, so routing (canary) may choose one.
             decoded = decode_request(

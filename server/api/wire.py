@@ -9,11 +9,12 @@ upb-built message from `codec.encode_result`.
 
 from __future__ import annotations
 
-import numpy as np
+import operator
 
 from server.types import NUMPY_TO_V2, InferResult
 
 _MAX_HEADERS = 4096
+_shape = operator.attrgetter("shape")
 
 
 def varint(value: int) -> bytes:
@@ -64,11 +65,9 @@ class RawResponseEncoder:
 
     def header(self, result: InferResult) -> tuple[bytes, bytes]:
         """(model name + version, output tensor headers): the cached parts around the id."""
-        key = (
-            result.model,
-            result.version,
-            *((name, a.dtype, a.shape) for name, a in result.outputs.items()),
-        )
+        # Names and shapes fix the header; a model's output datatypes are fixed per name.
+        outputs = result.outputs
+        key = (result.model, result.version, tuple(outputs), tuple(map(_shape, outputs.values())))
         cached = self._headers.get(key)
         if cached is not None:
             return cached
@@ -94,7 +93,7 @@ class RawResponseEncoder:
             parts.append(_field(0x1A, result.id.encode()))
         parts.append(outputs)
         for array in result.outputs.values():
-            data = np.ascontiguousarray(array).tobytes()
+            data = array.tobytes()  # C order, whatever the array's layout
             parts.append(b"\x32" + _len(len(data)) + data)  # raw_output_contents = 6
         return b"".join(parts)
 

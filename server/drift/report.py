@@ -11,6 +11,7 @@ import argparse
 import html
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -209,16 +210,21 @@ def fetch_report(
     version: str = "",
     refresh: bool = True,
     timeout: float = 10.0,
+    token: str = "",
 ) -> pb.DriftReport:
-    """Ask a sidecar for its report (raises grpc.RpcError when it cannot)."""
+    """Ask a sidecar for its report (raises grpc.RpcError when it cannot). A sidecar with a
+    token refuses a refresh without it (UNAUTHENTICATED)."""
     import grpc
 
     from server._proto import drift_pb2_grpc as pb_grpc
 
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.DriftServiceStub(channel)
         reply: pb.DriftReport = stub.Report(
-            pb.ReportRequest(model=model, version=version, refresh=refresh), timeout=timeout
+            pb.ReportRequest(model=model, version=version, refresh=refresh),
+            timeout=timeout,
+            metadata=metadata,
         )
     return reply
 
@@ -232,6 +238,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-refresh", action="store_true", help="the last evaluation, without evaluating now"
     )
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--token-file",
+        dest="report_token_file",
+        metavar="FILE",
+        help="file holding the sidecar's token (default: $BATCHLINE_DRIFT_TOKEN, "
+        "$BATCHLINE_DRIFT_TOKEN_FILE)",
+    )
+
+
+def _token(args: argparse.Namespace) -> str:
+    path = getattr(args, "report_token_file", None) or os.environ.get(
+        "BATCHLINE_DRIFT_TOKEN_FILE", ""
+    )
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    return os.environ.get("BATCHLINE_DRIFT_TOKEN", "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,12 +262,18 @@ def run(args: argparse.Namespace) -> int:
     import grpc
 
     try:
+        token = _token(args)
+    except OSError as exc:
+        print(f"batchline drift report: --token-file: cannot read it: {exc}", file=sys.stderr)
+        return 2
+    try:
         report = fetch_report(
             args.address,
             model=args.model,
             version=args.version,
             refresh=not args.no_refresh,
             timeout=args.timeout,
+            token=token,
         )
     except grpc.RpcError as exc:
         print(f"batchline drift report: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -11,7 +11,16 @@ evaluated every `eval_every_records` records (but not twice within `eval_min_int
 every `eval_every_s` seconds, never per record.
 Labels posted back by request id join a bounded memory of recent predictions and feed a rolling
 accuracy and AUC. Memory is bounded whatever the traffic: at most `max_windows` windows of fixed
-size, `label_memory_rows` remembered prediction rows, and bounded caches.
+size, `label_memory_rows` remembered prediction rows taking at most `label_memory_bytes`, ids and
+names of bounded size (longer ones are rejected and counted), and bounded caches.
+
+Trust: both listeners bind 127.0.0.1 unless told otherwise (`host` for gRPC, `http_host` for
+HTTP; the sidecar shares the pod with its server). With a shared token (`token_file`,
+BATCHLINE_DRIFT_TOKEN) Record, PostLabels and a refreshing Report need `authorization: Bearer
+TOKEN` (else UNAUTHENTICATED), and so does an HTTP `?refresh=1` (else 401); without one, a
+listener off loopback is warned about at start-up, and HTTP refreshes off loopback are refused
+(403): the page still serves the last evaluation. /metrics, /report and /healthz stay open to
+read (a Prometheus scrape carries no token).
 
 Everything runs on one event loop (the HTTP endpoint is asyncio too), so no state is shared
 between threads.
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -56,8 +66,10 @@ from server.drift import (
     DriftSettings,
     add_arguments,
     check_settings,
+    is_loopback,
     settings_from_args,
 )
+from server.drift.producer import ACCEPTED_KEY
 from server.drift.profile import PROFILE_FILE, Histogram, ReferenceProfile
 from server.drift.report import render_html, report_to_dict
 from server.drift.stats import AlertGate, Comparison, compare, roc_auc
@@ -78,7 +90,19 @@ _MAX_PRODUCERS = 1024
 # Request ids longer than this (bytes) are not kept for labels: the server refuses them at
 # max_request_id_bytes (256 by default); a forged record cannot fill label memory with them.
 MAX_REQUEST_ID_BYTES = 1024
+# Model and version names longer than this (characters) are rejected (registry names are at most 128
+# characters, versions 18 digits): window keys, profile lookups and metric labels stay small.
+MAX_NAME_BYTES = 256
+# A producer id (host:pid) is cut to this many characters before it becomes a metric label.
+MAX_PRODUCER_ID_BYTES = 256
+# What one remembered prediction costs besides its request id and rows: the ordered-dict entry,
+# the id's str header, the tuple and the two arrays (about 340 bytes measured with tracemalloc;
+# rounded up); each row adds a score (8) and a label (8).
+LABEL_ENTRY_OVERHEAD_BYTES = 384
+LABEL_ROW_BYTES = 16
 _HTTP_TIMEOUT_S = 10.0
+# Refused calls are logged at most this often (with the count since the last line).
+_REFUSAL_LOG_EVERY_S = 60.0
 
 
 def _wall() -> float:
@@ -412,10 +436,11 @@ class DriftMonitor:
         self._on_alert = on_alert or (lambda alert: None)
         self._wall = wall
         self._windows: dict[WindowKey, _Window] = {}
-        self._pending: OrderedDict[str, tuple[WindowKey, tuple[float, ...], tuple[int, ...]]] = (
-            OrderedDict()
-        )
+        self._pending: OrderedDict[str, tuple[WindowKey, array[float], array[int]]] = OrderedDict()
         self._pending_rows = 0
+        self._pending_bytes = 0
+        # Remembered predictions pushed out before a label came, by which bound pushed them.
+        self.label_memory_evicted: dict[str, int] = {"rows": 0, "bytes": 0}
         self.producer_drops: OrderedDict[str, int] = OrderedDict()
         self._shape_warned: set[WindowKey] = set()
         self.records_total = 0
@@ -433,8 +458,9 @@ class DriftMonitor:
         """Take one chunk of records; returns how many it held."""
         now = self._clock.now()
         if batch.producer:
-            self.producer_drops[batch.producer] = batch.dropped_total
-            self.producer_drops.move_to_end(batch.producer)
+            producer = batch.producer[:MAX_PRODUCER_ID_BYTES]
+            self.producer_drops[producer] = batch.dropped_total
+            self.producer_drops.move_to_end(producer)
             if len(self.producer_drops) > _MAX_PRODUCERS:
                 self.producer_drops.popitem(last=False)
         groups: dict[WindowKey, tuple[_Window, array[float], array[float], list[int]]] = {}
@@ -447,6 +473,9 @@ class DriftMonitor:
                 self._reject("rows")
                 continue
             self.rows_total += rows
+            if len(rec.model) > MAX_NAME_BYTES or len(rec.version) > MAX_NAME_BYTES:
+                self._reject("name")  # no window, profile lookup or label for such a name
+                continue
             key = (rec.model, rec.version, ROLE_NAMES.get(rec.role, "unspecified"))
             window = self._windows.get(key) or self._open(key, now)
             if window is None:
@@ -498,7 +527,7 @@ class DriftMonitor:
                 ):
                     self._reject("request_id")  # the rows count; the id is not kept for labels
                 else:
-                    self._remember(rec.request_id, key, rec)
+                    self._remember(rec.request_id, window.key, rec)
         for window, features, scores, records in groups.values():
             profile = window.profile
             assert profile is not None
@@ -533,22 +562,42 @@ class DriftMonitor:
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    @staticmethod
+    def _entry_bytes(request_id: str, rows: int) -> int:
+        # The id as stored (1 byte a character when ASCII, up to 4 otherwise) plus its rows.
+        id_bytes = len(request_id) if request_id.isascii() else 4 * len(request_id)
+        return LABEL_ENTRY_OVERHEAD_BYTES + id_bytes + LABEL_ROW_BYTES * rows
+
+    def _forget(self, request_id: str, entry: tuple[WindowKey, array[float], array[int]]) -> None:
+        self._pending_rows -= len(entry[1])
+        self._pending_bytes -= self._entry_bytes(request_id, len(entry[1]))
+
     def _remember(self, request_id: str, key: WindowKey, rec: pb.PredictionRecord) -> None:
         old = self._pending.pop(request_id, None)
         if old is not None:
-            self._pending_rows -= len(old[1])
-        scores = tuple(rec.scores) if len(rec.scores) else (math.nan,) * rec.rows
-        labels = tuple(rec.labels) if len(rec.labels) == rec.rows else (-1,) * rec.rows
+            self._forget(request_id, old)
+        # The window's own key (shared, not a copy per request) and compact arrays.
+        scores = array("d", rec.scores) if len(rec.scores) else array("d", [math.nan] * rec.rows)
+        labels = (
+            array("q", rec.labels) if len(rec.labels) == rec.rows else array("q", [-1] * rec.rows)
+        )
         self._pending[request_id] = (key, scores, labels)
         self._pending_rows += len(scores)
-        cap = self.settings.label_memory_rows
-        while self._pending_rows > cap and self._pending:
-            _, (_, dropped, _) = self._pending.popitem(last=False)
-            self._pending_rows -= len(dropped)
+        self._pending_bytes += self._entry_bytes(request_id, len(scores))
+        rows_cap = self.settings.label_memory_rows
+        bytes_cap = self.settings.label_memory_bytes
+        while self._pending and (self._pending_rows > rows_cap or self._pending_bytes > bytes_cap):
+            reason = "rows" if self._pending_rows > rows_cap else "bytes"
+            self.label_memory_evicted[reason] += 1
+            self._forget(*self._pending.popitem(last=False))
 
     @property
     def pending_label_rows(self) -> int:
         return self._pending_rows
+
+    @property
+    def pending_label_bytes(self) -> int:
+        return self._pending_bytes
 
     # -- labels ------------------------------------------------------------------------------
 
@@ -560,7 +609,7 @@ class DriftMonitor:
                 ack.unknown += 1
                 continue
             key, scores, predicted = entry
-            self._pending_rows -= len(scores)
+            self._forget(label.request_id, entry)
             window = self._windows.get(key)
             if window is None:
                 ack.unknown += 1
@@ -743,9 +792,15 @@ class SidecarCollector(Collector):
         ),
     )
 
-    def __init__(self, monitor: DriftMonitor, actions: AlertActions | None = None) -> None:
+    def __init__(
+        self,
+        monitor: DriftMonitor,
+        actions: AlertActions | None = None,
+        guard: TokenGuard | None = None,
+    ) -> None:
         self.monitor = monitor
         self.actions = actions
+        self.guard = guard
 
     def collect(self) -> Iterator[Metric]:
         m = self.monitor
@@ -855,6 +910,28 @@ class SidecarCollector(Collector):
             "Prediction rows remembered for label joins",
             value=m.pending_label_rows,
         )
+        yield GaugeMetricFamily(
+            "batchline_drift_pending_label_bytes",
+            "Bytes the remembered prediction rows are charged (at most label_memory_bytes)",
+            value=m.pending_label_bytes,
+        )
+        evicted = CounterMetricFamily(
+            "batchline_drift_label_memory_evicted",
+            "Remembered predictions pushed out before their label came, by bound (rows, bytes)",
+            labels=["bound"],
+        )
+        for bound, count in m.label_memory_evicted.items():
+            evicted.add_metric([bound], count)
+        yield evicted
+        if self.guard is not None:
+            refused = CounterMetricFamily(
+                "batchline_drift_unauthenticated",
+                "Calls refused for a missing or wrong token, by method",
+                labels=["method"],
+            )
+            for method, count in self.guard.refused.items():
+                refused.add_metric([method], count)
+            yield refused
         if self.actions is not None:
             yield CounterMetricFamily(
                 "batchline_drift_alert_action_failures",
@@ -866,13 +943,76 @@ class SidecarCollector(Collector):
 # -- transport -------------------------------------------------------------------------------
 
 
-class DriftServicer:
-    """DriftService over the monitor: each method only converts and delegates."""
+class TokenGuard:
+    """Who may change the sidecar's state: with a token, only calls carrying it (gRPC metadata
+    or HTTP header `authorization: Bearer TOKEN`, compared with hmac.compare_digest); without
+    one, anyone who can reach the listener. Counts and logs (at most once a minute) refusals."""
 
-    def __init__(self, monitor: DriftMonitor) -> None:
+    def __init__(self, token: str, clock: Clock | None = None) -> None:
+        self._token = token.encode()
+        self._clock = clock or MonotonicClock()
+        self.refused: dict[str, int] = {}
+        self._logged_at = -math.inf
+        self._unlogged = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._token)
+
+    def allows(self, authorization: str | None) -> bool:
+        if not self._token:
+            return True
+        if not authorization:
+            return False
+        scheme, _, given = authorization.strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self._token
+        )
+
+    def allows_grpc(self, context: Any) -> bool:
+        if not self._token:
+            return True
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                return self.allows(value)
+        return False
+
+    def refuse(self, method: str, peer: str) -> None:
+        self.refused[method] = self.refused.get(method, 0) + 1
+        self._unlogged += 1
+        now = self._clock.now()
+        if now - self._logged_at >= _REFUSAL_LOG_EVERY_S:
+            log.warning(
+                "drift sidecar refused %d call(s) without the right token (latest: %s from %s)",
+                self._unlogged,
+                method,
+                peer or "unknown peer",
+            )
+            self._logged_at = now
+            self._unlogged = 0
+
+
+_UNAUTHENTICATED = "the drift sidecar needs metadata authorization: Bearer <token> ([drift] token)"
+
+
+class DriftServicer:
+    """DriftService over the monitor: each method checks the token (when one is configured),
+    then only converts and delegates."""
+
+    def __init__(self, monitor: DriftMonitor, guard: TokenGuard | None = None) -> None:
         self.monitor = monitor
+        self.guard = guard or TokenGuard("")
+
+    async def _check(self, method: str, context: Any) -> None:
+        if self.guard.allows_grpc(context):
+            return
+        self.guard.refuse(method, context.peer())
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
 
     async def Record(self, request_iterator: Any, context: Any) -> pb.RecordAck:
+        await self._check("Record", context)
+        # Tells the producer the stream is accepted: it counts as connected only from here.
+        await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
         received = 0
         self.monitor.streams += 1
         try:
@@ -883,9 +1023,12 @@ class DriftServicer:
         return pb.RecordAck(received=received)
 
     async def PostLabels(self, request: pb.LabelBatch, context: Any) -> pb.LabelAck:
+        await self._check("PostLabels", context)
         return self.monitor.post_labels(request)
 
     async def Report(self, request: pb.ReportRequest, context: Any) -> pb.DriftReport:
+        if request.refresh:  # evaluating now changes state (alerts may fire); reading does not
+            await self._check("Report", context)
         return self.monitor.report(request.model, request.version, refresh=request.refresh)
 
 
@@ -905,8 +1048,10 @@ class Sidecar:
             profiles = registry_profiles(settings.registry) if settings.registry else _no_profiles
         self.actions = AlertActions(settings.alert_webhook, settings.alert_command)
         self.monitor = DriftMonitor(settings, profiles, clock=clock, on_alert=self.actions)
+        self.guard = TokenGuard(settings.resolved_token(), clock)
+        self.http_host = settings.http_host or settings.host
         self.registry = CollectorRegistry()
-        self.registry.register(SidecarCollector(self.monitor, self.actions))
+        self.registry.register(SidecarCollector(self.monitor, self.actions, self.guard))
         self.grpc_port = 0
         self.http_port = 0
         self._grpc: Any = None
@@ -923,20 +1068,41 @@ class Sidecar:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
-        pb_grpc.add_DriftServiceServicer_to_server(DriftServicer(self.monitor), self._grpc)
+        pb_grpc.add_DriftServiceServicer_to_server(
+            DriftServicer(self.monitor, self.guard), self._grpc
+        )
         self.grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the drift gRPC port {s.host}:{s.grpc_port}")
         await self._grpc.start()
-        self._http = await asyncio.start_server(self._serve_http, s.host, s.http_port)
+        self._http = await asyncio.start_server(
+            self._serve_http, self.http_host or None, s.http_port
+        )
         self.http_port = self._http.sockets[0].getsockname()[1]
         self._tick = asyncio.get_running_loop().create_task(self._ticker(), name="drift-tick")
         log.info(
-            "drift sidecar on %s: gRPC %d, HTTP %d (metrics, /report)",
-            s.host,
+            "drift sidecar: gRPC on %s:%d, HTTP (metrics, /report) on %s:%d, token %s",
+            s.host or "every address",
             self.grpc_port,
+            self.http_host or "every address",
             self.http_port,
+            "required" if self.guard.enabled else "not set",
         )
+        if not self.guard.enabled and not is_loopback(s.host):
+            log.warning(
+                "drift sidecar: gRPC listens on %s without a token: anyone who reaches it can "
+                "stream records and post labels (forged records fire alerts and run "
+                "alert_command); set BATCHLINE_DRIFT_TOKEN or --token-file on both ends, or "
+                "--host 127.0.0.1",
+                s.host or "every address",
+            )
+        if not self.guard.enabled and not is_loopback(self.http_host):
+            log.warning(
+                "drift sidecar: HTTP listens on %s without a token: /metrics and /report are "
+                "open to read, ?refresh=1 is refused; set BATCHLINE_DRIFT_TOKEN or --token-file "
+                "to allow refreshes with the token",
+                self.http_host or "every address",
+            )
         if s.ready_file:
             write_ready_file(
                 s.ready_file,
@@ -970,10 +1136,22 @@ class Sidecar:
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HTTP_TIMEOUT_S)
-            method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            status, ctype, body = self._route(method, target)
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            authorization = None
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if sep and name.strip().lower() == "authorization":
+                    authorization = value.strip()
+            peer = writer.get_extra_info("peername")
+            status, ctype, body = self._route(method, target, authorization, str(peer or ""))
+            extra = (
+                'WWW-Authenticate: Bearer realm="batchline-drift"\r\n'
+                if status[:3] == "401"
+                else ""
+            )
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{extra}"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             )
             if method != "HEAD":
@@ -992,7 +1170,9 @@ class Sidecar:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def _route(self, method: str, target: str) -> tuple[str, str, bytes]:
+    def _route(
+        self, method: str, target: str, authorization: str | None = None, peer: str = ""
+    ) -> tuple[str, str, bytes]:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
         path, _, query = target.partition("?")
@@ -1001,6 +1181,24 @@ class Sidecar:
         # The last evaluation unless asked (?refresh=1): a page load must not be a way to make
         # the sidecar evaluate every window on demand.
         refresh = params.get("refresh", "0") not in ("0", "false")
+        if refresh and path in ("/report.json", "/report", "/"):
+            # Evaluating now changes state (alerts may fire, alert_command may run).
+            if self.guard.enabled and not self.guard.allows(authorization):
+                self.guard.refuse(f"HTTP {path}?refresh", peer)
+                return (
+                    "401 Unauthorized",
+                    "text/plain",
+                    b"refresh needs the header Authorization: Bearer <token> ([drift] token); "
+                    b"without ?refresh=1 the page shows the last evaluation\n",
+                )
+            if not self.guard.enabled and not is_loopback(self.http_host):
+                return (
+                    "403 Forbidden",
+                    "text/plain",
+                    b"refresh is refused: no drift token is set and HTTP listens beyond loopback "
+                    b"(set BATCHLINE_DRIFT_TOKEN or --token-file); without ?refresh=1 the page "
+                    b"shows the last evaluation\n",
+                )
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/report.json":
@@ -1026,7 +1224,13 @@ async def run_sidecar(settings: DriftSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     sidecar = Sidecar(settings)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except BaseException:
+        # A port in use, say: release what did start (the gRPC server) before the error
+        # reaches the CLI, so the user sees its one line and no teardown traceback.
+        await sidecar.stop()
+        raise
     await stop.wait()
     log.info("signal received: stopping the drift sidecar")
     await sidecar.stop()
@@ -1043,7 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args, env=os.environ)
     except ConfigError as exc:
         print(f"batchline drift: {exc}", file=sys.stderr)
         return 2

@@ -392,6 +392,32 @@ class MirrorCollector(Collector):
         yield CounterMetricFamily("batchline_shadow_requests", "", labels=["model", "outcome"])
 
 
+class PairLogCollector(Collector):
+    """The shadow pair log's memory and what its bounds pushed out, read at scrape time."""
+
+    def __init__(self, pair_log: Any) -> None:
+        self._log = pair_log
+
+    def collect(self) -> Iterator[Metric]:
+        evicted = CounterMetricFamily(
+            "batchline_shadow_pairs_evicted",
+            "Shadow pairs pushed out of memory, by bound (pairs: shadow_log_max_pairs, bytes: "
+            "shadow_log_max_memory_bytes)",
+            labels=["bound"],
+        )
+        for bound, count in self._log.evicted.items():
+            evicted.add_metric([bound], count)
+        yield evicted
+        yield GaugeMetricFamily(
+            "batchline_shadow_pairs_memory_bytes",
+            "Bytes the shadow pairs held in memory are charged",
+            value=self._log.memory_bytes,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class DriftProducerCollector(Collector):
     """The drift producer's counters, read at scrape time."""
 
@@ -419,6 +445,11 @@ class DriftProducerCollector(Collector):
             "batchline_drift_producer_queue",
             "Records waiting to be streamed to the drift sidecar",
             value=counts["pending"],
+        )
+        yield GaugeMetricFamily(
+            "batchline_drift_producer_queue_bytes",
+            "Bytes the waiting records are charged (at most drift.max_queue_bytes)",
+            value=counts["pending_bytes"],
         )
         yield GaugeMetricFamily(
             "batchline_drift_producer_connected",

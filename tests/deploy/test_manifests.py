@@ -265,7 +265,8 @@ def test_drift_sidecar_runs_batchline_drift_on_its_default_ports() -> None:
     sidecar = container("drift")
     assert sidecar.get("restartPolicy") == "Always", "run drift as a native sidecar"
     assert "readinessProbe" not in sidecar, "drift must never gate serving"
-    assert sorted(ports_of(sidecar).values()) == sorted(DRIFT_PORTS)
+    # Only HTTP is a container port: the gRPC ingest listens on the pod's loopback.
+    assert list(ports_of(sidecar).values()) == [DRIFT_PORTS[1]]
     compose = load_yaml(COMPOSE)[0]["services"]["drift"]
     for where, argv in (
         ("deploy/k8s drift container", sidecar["command"] + sidecar.get("args", [])),
@@ -273,6 +274,46 @@ def test_drift_sidecar_runs_batchline_drift_on_its_default_ports() -> None:
     ):
         args = parse_batchline(argv, where)
         assert args.config == "/etc/batchline/batchline.toml", where
+
+
+@pytest.mark.parametrize("where", ["k8s", "compose"])
+def test_drift_sidecar_binds_each_listener_explicitly_ingest_on_loopback(where: str) -> None:
+    """gRPC ingest (records, labels) only for the server beside it; HTTP (metrics, report) for
+    a scraper that comes over the pod or container IP. Given as flags, not left to defaults."""
+    if where == "k8s":
+        c = container("drift")
+        argv = c["command"] + c.get("args", [])
+    else:
+        service = load_yaml(COMPOSE)[0]["services"]["drift"]
+        argv = service["entrypoint"] + service.get("command", [])
+    for flag in ("--host", "--http-host"):
+        assert flag in argv, f"{where}: bind both listeners explicitly ({flag})"
+    args = parse_batchline(argv, where)
+    assert args.host == "127.0.0.1", f"{where}: the drift gRPC ingest must stay on loopback"
+    assert args.http_host == "0.0.0.0", f"{where}: Prometheus scrapes the drift HTTP port"
+    assert args.token_file is None, f"{where}: the token comes from the environment"
+
+
+def test_drift_token_reaches_both_ends_from_the_same_secret_key() -> None:
+    refs = {}
+    for name in ("server", "drift"):
+        env = {e["name"]: e for e in container(name).get("env", [])}
+        var = env["BATCHLINE_DRIFT_TOKEN"]
+        assert "value" not in var, f"{name}: BATCHLINE_DRIFT_TOKEN holds a literal value"
+        refs[name] = var["valueFrom"]["secretKeyRef"]
+    assert refs["server"] == refs["drift"]
+    # Optional: without it the sidecar still binds loopback for ingest; with it, both ends use it.
+    assert refs["drift"].get("optional") is True
+    services = load_yaml(COMPOSE)[0]["services"]
+    for name in ("batchline", "drift"):
+        assert "BATCHLINE_DRIFT_TOKEN" in services[name].get("environment", {}), name
+
+
+def test_drift_sidecar_liveness_probes_a_port_the_kubelet_can_reach() -> None:
+    probe = container("drift")["livenessProbe"]
+    for kind in ("tcpSocket", "grpc"):
+        assert kind not in probe, "the drift gRPC port listens on loopback only"
+    assert probe["httpGet"] == {"path": "/healthz", "port": DRIFT_PORTS[1]}
 
 
 # ---- KServe ----------------------------------------------------------------------------------------
@@ -411,7 +452,8 @@ def test_compose_publishes_the_servers_and_the_sidecars_default_ports(
         int(str(p).split(":")[-1]) for p in compose["services"]["batchline"].get("ports", [])
     }
     assert {settings.grpc_port, settings.metrics_port} == {SERVER.grpc_port, SERVER.metrics_port}
-    assert published == {settings.grpc_port, settings.metrics_port, *DRIFT_PORTS}
+    # The drift gRPC port listens on the namespace's loopback: publishing it would reach nothing.
+    assert published == {settings.grpc_port, settings.metrics_port, DRIFT_PORTS[1]}
     assert compose["services"]["drift"]["network_mode"] == "service:batchline"
 
 

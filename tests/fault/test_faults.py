@@ -37,7 +37,7 @@ from tests.fault.conftest import (
     wait_for,
     wait_for_metric,
 )
-from tests.integration.conftest import RedisServer, ServerProcess
+from tests.integration.conftest import RedisServer, ServerProcess, register_with_attachment
 from tests.integration.faults import registry_with_failing_churn, rows
 
 pytestmark = pytest.mark.fault
@@ -96,7 +96,7 @@ async def test_redis_killed_mid_load_fails_fast_opens_the_breaker_and_recovers_a
     view = _view(on_store_error)
     registry = tmp_path / "registry"
     shutil.copytree(demo_registry, registry)
-    (registry / "churn" / "1" / "feature_view.json").write_text(view.to_json())
+    register_with_attachment(registry, "churn", "1", "feature_view.json", view.to_json())
     await _materialize(view, redis_server.url)
     server = servers.start(
         registry,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
+from registry_client import FileRegistry
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.clock import Clock
@@ -24,6 +27,37 @@ from server.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 AppFactory = Callable[..., Awaitable[App]]
+
+
+def register_with_attachment(root: Path, name: str, version: str, filename: str, text: str) -> None:
+    """Make `name`@`version` in the registry at `root` a version registered with `text` as its
+    attachment `filename` (the same model and other files). Editing the file in place would be
+    tampering, which the registry refuses: the version is registered afresh in a scratch
+    registry and its folder (files and manifest) takes the old one's place."""
+    store = FileRegistry(root)
+    mv = store.get_version(name, version)
+    folder = Path(mv.artifact).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / filename
+        source.write_text(text)
+        attachments = {
+            f: store.attachment(name, version, f)
+            for f in mv.files
+            if f not in {"model.onnx", *mv.external_data}
+        }
+        new = FileRegistry(Path(tmp) / "scratch").register(
+            name,
+            store.fetch(mv),
+            signature=mv.signature,
+            metrics=mv.metrics,
+            tags=mv.tags,
+            features=mv.features,
+            source=mv.source,
+            description=mv.description,
+            attachments={**attachments, filename: source},
+        )
+        shutil.rmtree(folder)
+        shutil.move(Path(new.artifact).parent, folder)
 
 
 @pytest.fixture

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from registry_client import FileRegistry, Signature, TensorInfo
+from registry_client import FileRegistry, ModelVersion, Signature, TensorInfo
 
 SIGNATURE = Signature(
     inputs=(TensorInfo("input", "FP32", (-1, 15)),),
@@ -83,3 +84,60 @@ def rows(n: int, poison: bool) -> np.ndarray:
     if poison:
         x[:, 0] = POISON
     return x
+
+
+# ---- versions whose files are not what was registered ----------------------------------------
+
+
+def with_external_data(model: Path, folder: Path, location: str = "weights.bin") -> Path:
+    """`model` saved again by onnx into `folder`, its weights (every initializer of 1 KiB or
+    more) moved into `location`."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    proto = onnx.load(str(model))
+    for tensor in proto.graph.initializer:
+        # onnx moves only raw_data out; skl2onnx writes some weights as float_data.
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    onnx.save_model(
+        proto,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=1024,  # shape tensors stay inline: ORT's shape inference reads them
+    )
+    return path
+
+
+def register_with_external_data(
+    store: FileRegistry, name: str, version: str, workdir: Path
+) -> ModelVersion:
+    """`name`@`version` registered again as the next version, its weights in weights.bin and
+    its attachments the same files."""
+    mv = store.get_version(name, version)
+    attachments = {
+        f: store.attachment(name, version, f)
+        for f in mv.files
+        if f != "model.onnx" and f not in mv.external_data
+    }
+    return store.register(
+        name,
+        with_external_data(store.fetch(mv), workdir / f"{name}-{version}-external"),
+        signature=mv.signature,
+        features=mv.features,
+        source="external data",
+        attachments=attachments,
+    )
+
+
+def tamper_in_place(path: Path) -> None:
+    """Flip the sign of the last 1024 float32s in `path`: same size, same mtime, other weights."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 1, max(len(data) - 4096, 0) - 1, -4):
+        data[i] ^= 0x80
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))

@@ -65,21 +65,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def spawn_sidecar(registry: Path, workdir: Path, grpc_port: int = 0) -> Sidecar:
+def spawn_sidecar(
+    registry: Path,
+    workdir: Path,
+    grpc_port: int = 0,
+    *extra: str,
+    host: str | None = "127.0.0.1",
+    env: dict[str, str] | None = None,
+) -> Sidecar:
+    """`python -m server.drift.sidecar` on free ports (`host=None`: no --host, the default
+    bind); `extra` flags and `env` variables are added."""
     ready = workdir / f"drift-ready-{time.monotonic_ns()}.json"
     log = ready.with_suffix(".log")
     cmd = [
         sys.executable, "-m", "server.drift.sidecar",
         "--registry", str(registry),
-        "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", "0",
+        *(("--host", host) if host is not None else ()),
+        "--grpc-port", str(grpc_port), "--http-port", "0",
         "--ready-file", str(ready),
         "--window-rows", "2000", "--min-rows", "100",
         "--eval-every-records", "500", "--eval-every-s", "1",
         "--alert", "feature_psi > 0.25",
+        *extra,
     ]  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLINE_DRIFT_")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ}
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**environ, **(env or {})}
         )
     deadline = time.monotonic() + 30
     while not ready.exists():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from registry_client.demo import load_reference
 from server._proto import inference_pb2 as pb
@@ -68,3 +69,71 @@ async def _serve_and_check(
     counters = app.drift.counters()
     assert counters["dropped_full"] == 0
     assert counters["sent"] == 200
+
+
+async def test_tagged_load_stays_out_of_drift_and_shadow_statistics(
+    start_app: Callable[..., Awaitable[App]],
+    demo_registry: Path,
+    tmp_path: Path,
+) -> None:
+    """`traffic: loadtest` and `drift: false` requests are answered like any other, and neither
+    reach the drift sidecar nor leave shadow pairs; a drift parameter of the wrong type is
+    INVALID_ARGUMENT naming it."""
+    sidecar = spawn_sidecar(demo_registry, tmp_path)
+    try:
+        config = tmp_path / "batchline.toml"
+        config.write_text(f'[drift]\nenabled = true\ntarget = "{sidecar.address}"\n')
+        app = await start_app(
+            models=("churn@production",),
+            config=str(config),
+            shadows=("2",),
+            shadow_max_loop_busy=1.5,
+        )
+        X, _ = load_reference(demo_registry, "churn", "1")
+
+        def request(i: int, tag: str = "", drift: object = None) -> pb.ModelInferRequest:
+            r = pb.ModelInferRequest(model_name="churn", id=f"r{i}")
+            r.inputs.add(name="input", datatype="FP32", shape=[3, 15])
+            r.raw_input_contents.append(np.ascontiguousarray(X[3 * i : 3 * i + 3]).tobytes())
+            if tag:
+                r.parameters["traffic"].string_param = tag
+            if isinstance(drift, bool):
+                r.parameters["drift"].bool_param = drift
+            elif isinstance(drift, str):
+                r.parameters["drift"].string_param = drift
+            elif isinstance(drift, int):
+                r.parameters["drift"].int64_param = drift
+            return r
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            sent = [request(i, tag="loadtest") for i in range(0, 30)]
+            sent += [request(i, drift=False) for i in range(30, 45)]
+            sent += [request(i, drift="false") for i in range(45, 50)]
+            live = [request(i) for i in range(50, 60)]
+            live += [request(i, tag="live", drift=True) for i in range(60, 70)]
+            for r in sent + live:
+                reply = await stub.ModelInfer(r, timeout=10)
+                assert reply.model_version == "1"
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.ModelInfer(request(70, drift=1), timeout=10)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "parameters.drift" in (bad.value.details() or "")
+        mirror = app.models.slots["churn"].mirror
+        assert mirror is not None
+        await mirror.join()
+        assert {p.request_id for p in app.pair_log.pairs()} == {f"r{i}" for i in range(50, 70)}
+        assert app.drift is not None
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:  # 20 live requests of 3 rows, as primary and as shadow
+            windows = await asyncio.to_thread(_windows, sidecar)
+            rows = [windows.get(k, {}).get("rows_total") for k in
+                    (("churn", "1", "primary"), ("churn", "2", "shadow"))]  # fmt: skip
+            if rows == [60, 60]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, (rows, app.drift.counters())
+            await asyncio.sleep(0.05)
+        assert app.drift.counters()["sent"] == 40
+    finally:
+        sidecar.proc.kill()
+        sidecar.proc.wait()

@@ -24,7 +24,7 @@ from server.app import App, open_feature_store
 from server.features.materialize import materialize, read_rows
 from server.features.store import FeatureLookup
 from server.features.view import Feature, FeatureView
-from tests.integration.conftest import RedisServer
+from tests.integration.conftest import RedisServer, register_with_attachment
 
 FEATURES = tuple(f"f{i}" for i in range(15))
 
@@ -60,7 +60,7 @@ def entity_table(demo_registry: Path, tmp_path: Path) -> Path:
 def _registry_with_view(demo_registry: Path, tmp_path: Path, view: FeatureView) -> Path:
     root = tmp_path / "registry"
     shutil.copytree(demo_registry, root)
-    (root / "churn" / "1" / "feature_view.json").write_text(view.to_json())
+    register_with_attachment(root, "churn", "1", "feature_view.json", view.to_json())
     return root
 
 

@@ -475,6 +475,11 @@ BAD_REQUESTS = [
                                 "data": [[0.5] * 15, [0.5]]}]}).encode(),
         "not a regular array",
     ),
+    (
+        json.dumps({**infer_json(np.zeros((1, 15), np.float32)),
+                    "parameters": {"drift": 3}}).encode(),
+        "parameters.drift: expected a bool",
+    ),
 ]  # fmt: skip
 
 
@@ -556,7 +561,10 @@ async def test_a_body_over_max_message_bytes_is_413_and_the_connection_closes(
                 body=iter([big[i : i + 1000] for i in range(0, len(big), 1000)]),
                 encode_chunked=True,
             )
-            return conn.getresponse().status
+            response = conn.getresponse()
+            response.read()
+            response.close()  # the socket's file too, or the socket stays open
+            return response.status
         finally:
             conn.close()
 
@@ -839,6 +847,7 @@ async def test_metrics_port_answers_404_off_metrics(app: App) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             await asyncio.to_thread(urllib.request.urlopen, base + path, timeout=TIMEOUT)
         assert err.value.code == 404
+        err.value.close()  # the error holds the response (and its socket) open
     text = await asyncio.to_thread(
         lambda: urllib.request.urlopen(base + "/metrics", timeout=TIMEOUT).read().decode()
     )

@@ -28,8 +28,10 @@ import pytest
 
 from registry_client import (
     AliasNotFound,
+    AttachmentNotFound,
     ChecksumMismatch,
     FileRegistry,
+    ManifestError,
     MlflowRegistry,
     ModelNotFound,
     ModelVersion,
@@ -41,7 +43,7 @@ from registry_client import (
 )
 from registry_client.cli import main as registry_cli
 from registry_client.http import HttpStatusError, JsonHttpClient, backoff_delay
-from registry_client.mlflow_registry import ALIAS_HISTORY_TAG, API
+from registry_client.mlflow_registry import ALIAS_HISTORY_TAG, API, FILES_TAG, MANIFEST_TAG
 
 STARTUP_TIMEOUT_S = 90.0
 
@@ -380,7 +382,7 @@ def test_cli_round_trip_against_mlflow(
     out = cli("register", name, artifact, "--metric", "auc=0.9", "--alias", "production")
     assert out.startswith(f"registered {name} version 1 ")
     cli("register", name, artifact)
-    assert cli("promote", name, "2").strip() == f"{name}@production: 1 -> 2"
+    assert cli("promote", name, "2").splitlines()[0] == f"{name}@production: 1 -> 2"
     listed = {m["name"]: m for m in json.loads(cli("list", "--json"))}
     assert listed[name] == {"name": name, "versions": ["1", "2"], "aliases": {"production": "2"}}
     assert cli("rollback", name).strip() == f"{name}@production: rolled back 2 -> 1"
@@ -528,3 +530,154 @@ async def test_server_serves_from_mlflow_and_follows_an_alias_move_under_load(
     assert (outcome.previous_version, outcome.version) == (first.version, second.version)
     assert after.model_version == second.version
     assert first.version in seen
+
+
+# -- the manifest: every file of a version, uploaded and verified --------------------------------
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stored_folder(server: MlflowServer, mv: ModelVersion) -> Path:
+    """Where the server keeps the version's model/ folder (its artifacts destination)."""
+    return (server.root / "artifacts" / mv.artifact.removeprefix("mlflow-artifacts:/")).parent
+
+
+def test_register_uploads_external_data_and_attachments_and_fetch_verifies_each(
+    registry: MlflowRegistry,
+    demo: FileRegistry,
+    mlflow_server: MlflowServer,
+    name: str,
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from registry_client.demo import load_holdout
+    from tests.integration.faults import tamper_in_place, with_external_data
+
+    v1 = demo.get_version("churn_mlp", "1")
+    src = with_external_data(demo.fetch(v1), tmp_path / "src")
+    attachments = {
+        f: demo.attachment("churn_mlp", "1", f) for f in ("feature_view.json", "profile.json")
+    }
+    mv = registry.register(
+        name, src, signature=v1.signature, features=v1.features, attachments=attachments
+    )
+    expected = {
+        "model.onnx": _sha(src),
+        "weights.bin": _sha(src.parent / "weights.bin"),
+        **{f: _sha(p) for f, p in attachments.items()},
+    }
+    assert (mv.files, mv.external_data) == (expected, ("weights.bin",))
+    assert registry.get_version(name, "1") == mv
+    record = rest(mlflow_server).get(f"{API}/model-versions/get", {"name": name, "version": "1"})
+    tags = {t["key"]: t["value"] for t in record["model_version"]["tags"]}
+    assert json.loads(tags[FILES_TAG]) == expected
+    assert tags[MANIFEST_TAG] == mv.manifest_sha256
+
+    path = registry.fetch(mv)
+    folder = path.parent
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+    x = load_holdout(demo.root, "churn_mlp", "1").X[:32]
+
+    def probabilities(model: Path) -> Any:
+        return ort.InferenceSession(str(model)).run(["probabilities"], {"input": x})[0]
+
+    np.testing.assert_array_equal(probabilities(path), probabilities(Path(v1.artifact)))
+    view = registry.attachment(name, "1", "feature_view.json")
+    assert view.read_bytes() == attachments["feature_view.json"].read_bytes()
+
+    # The cache is held to the manifest too: a changed copy is downloaded again, a planted
+    # file removed.
+    tamper_in_place(folder / "weights.bin")
+    (folder / "extra.bin").write_bytes(b"planted")
+    assert registry.fetch(mv) == path
+    assert _sha(folder / "weights.bin") == expected["weights.bin"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+
+    # Changed on the server: refused, naming the file, and nothing of it cached.
+    stored = _stored_folder(mlflow_server, mv)
+    tamper_in_place(stored / "weights.bin")
+    (folder / "weights.bin").unlink()
+    with pytest.raises(ChecksumMismatch, match=r"model/weights\.bin .*restore it there"):
+        registry.fetch(mv)
+    assert not (folder / "weights.bin").exists()
+    (stored / "feature_view.json").write_text("{}\n")
+    fresh = MlflowRegistry(mlflow_server.url, cache_dir=tmp_path / "other-cache", retries=1)
+    with pytest.raises(ChecksumMismatch, match=r"model/feature_view\.json"):
+        fresh.attachment(name, "1", "feature_view.json")
+    with pytest.raises(AttachmentNotFound, match=r"'holdout.npz' \(attachments: feature_view"):
+        fresh.attachment(name, "1", "holdout.npz")
+
+
+def test_a_version_without_a_manifest_that_needs_external_data_is_refused(
+    registry: MlflowRegistry,
+    demo: FileRegistry,
+    mlflow_server: MlflowServer,
+    name: str,
+    tmp_path: Path,
+) -> None:
+    """Created outside batchline with only a sha256 tag: model.onnx alone is verified, so a
+    graph that reads weights from another file is refused rather than loaded unchecked."""
+    from tests.integration.faults import with_external_data
+
+    v1 = demo.get_version("churn_mlp", "1")
+    src = with_external_data(demo.fetch(v1), tmp_path / "src")
+    registry.register(name, src, signature=v1.signature)
+    client = rest(mlflow_server)
+    run_id = client.get(f"{API}/model-versions/get", {"name": name, "version": "1"})[
+        "model_version"
+    ]["run_id"]
+    client.post(
+        f"{API}/model-versions/create",
+        {
+            "name": name,
+            "source": f"runs:/{run_id}/model",
+            "run_id": run_id,
+            "tags": [{"key": "sha256", "value": _sha(src)}],
+        },
+    )
+    legacy = registry.get_version(name, "2")
+    assert legacy.files == {}
+    with pytest.raises(ManifestError, match=r"'weights\.bin'.*without a batchline manifest"):
+        registry.fetch(legacy)
+
+
+async def test_the_server_refuses_a_version_tampered_on_mlflow_and_keeps_serving(
+    start_app: Any,
+    registry: MlflowRegistry,
+    demo: FileRegistry,
+    mlflow_server: MlflowServer,
+    name: str,
+    tmp_path: Path,
+) -> None:
+    import grpc
+    import numpy as np
+
+    from server._proto import inference_pb2 as pb
+    from server._proto import inference_pb2_grpc as pb_grpc
+    from server.errors import FailedPrecondition
+    from tests.integration.faults import tamper_in_place, with_external_data
+
+    v1 = demo.get_version("churn_mlp", "1")
+    copy_in(registry, name, v1)
+    src = with_external_data(demo.fetch(v1), tmp_path / "src")
+    second = registry.register(name, src, signature=v1.signature, features=v1.features)
+    tamper_in_place(_stored_folder(mlflow_server, second) / "weights.bin")
+    app = await start_app(
+        models=(f"{name}@1",),
+        registry="mlflow+" + registry.base_url,
+        server={"registry_cache_dir": str(tmp_path / "server-cache")},
+    )
+    with pytest.raises(FailedPrecondition, match=r"model/weights\.bin .*sha256"):
+        await app.models.reload(name, f"{name}@2")
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
+    request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert reply.model_version == "1"

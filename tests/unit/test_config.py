@@ -286,3 +286,42 @@ def test_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist") as info:
         load_settings(path, env={})
     assert str(path) in str(info.value)
+
+
+def test_drift_token_comes_from_the_environment_and_replaces_a_configured_file(
+    write: Writer, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "drift-token"
+    token_file.write_text("from-file\n")
+    path = write(f'[drift]\ntoken_file = "{token_file}"\n')
+    assert load_settings(path).drift.resolved_token() == "from-file"
+    drift = load_settings(path, env={"BATCHLINE_DRIFT_TOKEN": "from-env"}).drift
+    assert (drift.token, drift.token_file, drift.resolved_token()) == ("from-env", "", "from-env")
+    assert load_settings(path, env={"BATCHLINE_DRIFT_TOKEN": ""}).drift.token == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('token_file = "/nonexistent/drift-token"', r"drift\.token_file: cannot read"),
+        ('token = "a"\ntoken_file = "/etc/hostname"', r"drift\.token_file: give the drift token"),
+        ("max_queue_bytes = 0", r"drift\.max_queue_bytes: expected an integer >= 1"),
+        ("warn_after_s = 0", r"drift\.warn_after_s: expected a number > 0"),
+        ("label_memory_bytes = -1", r"drift\.label_memory_bytes"),
+    ],
+)
+def test_bad_drift_trust_settings_name_the_key(write: Writer, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write(f"[drift]\n{text}\n"))
+
+
+def test_an_empty_drift_token_file_is_refused(write: Writer, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=r"drift\.token_file: .* is empty"):
+        load_settings(write(f'[drift]\ntoken_file = "{empty}"\n'))
+
+
+def test_shadow_pair_memory_bound_must_be_positive(write: Writer) -> None:
+    with pytest.raises(ConfigError, match=r"server\.shadow_log_max_memory_bytes"):
+        load_settings(write("[server]\nshadow_log_max_memory_bytes = 0\n"))

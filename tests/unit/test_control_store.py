@@ -5,8 +5,8 @@ from __future__ import annotations
 import multiprocessing
 from pathlib import Path
 
-import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from registry_client import FileRegistry, RegistryError, Signature
 from registry_client.control import FileControlStore
@@ -16,7 +16,12 @@ from server.control import route_from_record
 def _registry(tmp_path: Path) -> FileRegistry:
     registry = FileRegistry(tmp_path / "reg")
     artifact = tmp_path / "m.onnx"
-    artifact.write_bytes(np.arange(16, dtype=np.uint8).tobytes())
+    # The registry reads the graph (for external data), so the artifact is a real ONNX model.
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "m", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    artifact.write_bytes(model.SerializeToString())
     registry.register("churn", artifact, signature=Signature(inputs=(), outputs=()))
     return registry
 

@@ -26,7 +26,7 @@ from server.drift.profile import (
     build_profile,
     quantile_edges,
 )
-from server.drift.sidecar import Alert, AlertActions, DriftMonitor, RowWindow
+from server.drift.sidecar import Alert, AlertActions, DriftMonitor, RowWindow, TokenGuard
 from server.drift.stats import (
     EPSILON,
     AlertGate,
@@ -543,3 +543,57 @@ async def test_alert_command_gets_the_alert_as_json(tmp_path: Path) -> None:
     await actions.close(grace_s=10.0)
     assert json.loads(out.read_text())["feature"] == "f3"
     assert actions.failures == 0
+
+
+# -- bounds in bytes and the token guard ------------------------------------------------------
+
+
+async def test_producer_queue_is_bounded_in_bytes_as_well_as_in_records() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cap = 64 * 1024
+    producer = DriftProducer(
+        f"127.0.0.1:{port}", queue_size=10_000, max_queue_bytes=cap, connect_timeout_s=0.05
+    )
+    await producer.start()
+    features = np.ones((64, 15), np.float32)  # 3,840 bytes a record, plus a 10 KB id
+    for i in range(100):
+        producer.record("m", "1", "primary", f"{i}-" + "x" * 10_000, "", features, None)
+    assert 0 < producer.pending_bytes <= cap
+    assert producer.pending <= cap // (10_000 + features.nbytes)
+    assert producer.dropped_disconnected == 100 - producer.pending
+    await producer.stop(flush_timeout_s=0.1)
+    assert (producer.pending, producer.pending_bytes, producer.dropped_disconnected) == (0, 0, 100)
+
+
+def test_monitor_label_memory_is_bounded_in_bytes_and_long_names_are_rejected() -> None:
+    profile = build_profile(np.arange(200, dtype=float)[:, None], np.linspace(0, 1, 200))
+    cap = 8 * 1024
+    monitor = DriftMonitor(
+        DriftSettings(eval_every_records=0, label_memory_bytes=cap), lambda m, v: profile
+    )
+    for i in range(50):
+        monitor.ingest(batch_of([[float(i)]], [0.5], f"{i:03d}-" + "y" * 900))
+    assert 0 < monitor.pending_label_bytes <= cap
+    assert monitor.pending_label_rows * 900 <= cap
+    assert monitor.label_memory_evicted["bytes"] == 50 - monitor.pending_label_rows
+    long_name = batch_of([[1.0]], [0.5], "r")
+    long_name.records[0].model = "m" * 300
+    monitor.ingest(long_name)
+    assert monitor.rejected.get("name") == 1
+    assert len(monitor.window_states()) == 1  # no window for the long name
+
+
+def test_token_guard_compares_bearer_tokens_and_counts_refusals() -> None:
+    guard = TokenGuard("t0ken", FakeClock())
+    assert guard.allows("Bearer t0ken")
+    assert guard.allows("bearer  t0ken ")
+    for bad in (None, "", "t0ken", "Basic t0ken", "Bearer t0ke", "Bearer t0ken2"):
+        assert not guard.allows(bad), bad
+    guard.refuse("Record", "ipv4:127.0.0.1:1")
+    guard.refuse("Record", "ipv4:127.0.0.1:2")
+    assert guard.refused == {"Record": 2}
+    open_guard = TokenGuard("")
+    assert not open_guard.enabled
+    assert open_guard.allows(None)

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from server.shadow import (
     compare,
     evaluate_gate,
     main,
+    pair_bytes,
     parse_window,
     read_log,
 )
@@ -421,3 +423,35 @@ def test_report_fails_clearly_on_a_missing_log_or_bad_window(
 )
 def test_parse_window(text: str, seconds: float) -> None:
     assert parse_window(text) == seconds
+
+
+def _deep_size(pair: ShadowPair) -> int:
+    """What a pair really holds, measured: the object, its strings, tuples and numbers."""
+    total = sys.getsizeof(pair)
+    for name in ShadowPair.__slots__:
+        value = getattr(pair, name)
+        total += sys.getsizeof(value)
+        if isinstance(value, tuple):
+            total += sum(sys.getsizeof(v) for v in value)
+    return total
+
+
+def test_pair_log_memory_is_bounded_in_bytes_and_evictions_are_counted() -> None:
+    small, big = _pairs(3), [_pair(100 + i, [0.5] * 500, [0.4] * 500) for i in range(10)]
+    for pair in (*small, *big):
+        assert pair_bytes(pair) >= _deep_size(pair)  # the charge is an upper bound
+    cap = 4 * pair_bytes(big[0])
+    log = PairLog(max_pairs=1000, max_memory_bytes=cap)
+    for pair in (*small, *big):
+        log.append(pair)
+        assert log.memory_bytes <= cap
+    assert log.pairs() == big[-4:]
+    assert log.evicted == {"pairs": 0, "bytes": 3 + 6}
+    assert log.memory_bytes == sum(pair_bytes(p) for p in big[-4:])
+
+
+def test_pair_log_counts_evictions_by_count_apart() -> None:
+    log = PairLog(max_pairs=2)
+    for pair in _pairs(5):
+        log.append(pair)
+    assert log.evicted == {"pairs": 3, "bytes": 0}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -124,7 +123,6 @@ class RestApp:
         self._guard = guard
         self._control = control
         self._tracing = tracing
-        self._limits: weakref.WeakKeyDictionary[ServedModel, Limits] = weakref.WeakKeyDictionary()
         self._parser = Parser()
         # When the last inference request arrived (the drain waits for a quiet moment).
         self.last_call = clock.now()
@@ -349,9 +347,9 @@ class RestApp:
         return body, header_length
 
     def _limits_for(self, served: ServedModel) -> Limits:
-        limits = self._limits.get(served)
+        limits: Limits | None = served.decode_state  # shared with the gRPC servicer
         if limits is None:
-            limits = self._limits[served] = Limits(
+            limits = served.decode_state = Limits(
                 served.max_batch_size, self._max_elements, self._max_id_bytes
             )
         return limits
@@ -399,14 +397,15 @@ class RestApp:
                 )
             else:
                 request = self._parser.parse(body, header_length, name, version)
-            signature = served.signature
+            signature = served.runtime.signature
             entity_signature = served.entity_signature
-            if (
-                entity_signature is not None
-                and len(request.inputs) == 1
-                and request.inputs[0].name == entity_signature.inputs[0].name
-            ):
-                signature = entity_signature
+            if entity_signature is not None:
+                key = entity_signature.inputs[0].name
+                tensors = request.inputs
+                if len(tensors) == 1 and tensors[0].name == key:
+                    signature = entity_signature  # ids only: the server reads the features
+                elif len(tensors) == 2 and key in (tensors[0].name, tensors[1].name):
+                    signature = served.combined_signature or signature  # features win over ids
             # version None: the caller named no version, so routing (canary) may choose one.
             decoded = decode_request(
                 request, signature, self._limits_for(served), version or None, None

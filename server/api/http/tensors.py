@@ -51,6 +51,37 @@ class Tensor:
         return False
 
 
+class Parameter:
+    """A JSON parameter value as the codec reads an InferParameter (`WhichOneof`)."""
+
+    __slots__ = ("_kind", "bool_param", "double_param", "int64_param", "string_param")
+
+    def __init__(self, value: Any) -> None:
+        self.bool_param = value if isinstance(value, bool) else False
+        self.int64_param = value if type(value) is int else 0
+        self.double_param = value if isinstance(value, float) else 0.0
+        self.string_param = value if isinstance(value, str) else ""
+        self._kind = (
+            "bool_param"
+            if isinstance(value, bool)
+            else "int64_param"
+            if type(value) is int
+            else "double_param"
+            if isinstance(value, float)
+            else "string_param"
+            if isinstance(value, str)
+            else None
+        )
+
+    def WhichOneof(self, group: str) -> str | None:
+        return self._kind
+
+
+# Request parameters the codec reads (the rest are other servers' scheduling hints or the
+# model's business, ignored as on gRPC).
+CODEC_PARAMETERS = ("drift", "traffic")
+
+
 class Output:
     __slots__ = ("name",)
 
@@ -71,6 +102,7 @@ class Request:
         "model_name",
         "model_version",
         "outputs",
+        "parameters",
         "raw_input_contents",
     )
 
@@ -86,6 +118,8 @@ class Request:
         self.binary_names: frozenset[str] = frozenset()
         # Every input came as binary tensor data (none as JSON `data`).
         self.all_binary = False
+        # The request parameters the codec reads (drift, traffic), as it reads them.
+        self.parameters: dict[str, Parameter] = {}
 
 
 def _where(index: int, name: object) -> str:
@@ -150,6 +184,7 @@ class Parser:
                 request.outputs = template.outputs
                 request.binary_output = template.binary_output
                 request.binary_names = template.binary_names
+                request.parameters = template.parameters
                 request.all_binary = True
                 view = memoryview(body)
                 offset = header_length
@@ -202,6 +237,7 @@ def parse_request(
         request.binary_output = _bool(
             _object(params, "parameters"), "binary_data_output", "parameters"
         )
+        request.parameters = {k: Parameter(params[k]) for k in CODEC_PARAMETERS if k in params}
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgument(
