@@ -99,6 +99,9 @@ def _bind_error(exc: BaseException, server: ServerSettings) -> ConfigError | Non
         text.startswith("Failed to bind to address") or text.startswith("cannot bind gRPC port")
     ):
         return _port_error("--grpc-port", server.host, server.grpc_port, None)
+    if isinstance(exc, OSError) and (exc.strerror or "").startswith("cannot bind the HTTP port"):
+        reason = os.strerror(exc.errno) if exc.errno else None
+        return _port_error("--http-port", server.http_host or server.host, server.http_port, reason)
     if isinstance(exc, OSError) and exc.errno in (
         errno.EADDRINUSE,
         errno.EACCES,
@@ -111,11 +114,10 @@ def _bind_error(exc: BaseException, server: ServerSettings) -> ConfigError | Non
 
 def _port_error(flag: str, host: str, port: int, reason: str | None) -> ConfigError:
     reason = reason or _why_not_bindable(host, port)
-    hint = (
-        "0 picks a free one, -1 turns the metrics endpoint off"
-        if flag == "--metrics-port"
-        else "0 picks a free one"
-    )
+    hint = {
+        "--metrics-port": "0 picks a free one, -1 turns the metrics endpoint off",
+        "--http-port": "0 picks a free one, -1 turns REST off",
+    }.get(flag, "0 picks a free one")
     return ConfigError(
         f"{flag} {port}: cannot listen on {host or '0.0.0.0'}:{port}"
         f"{f' ({reason})' if reason else ''}: stop what holds it or choose another port ({hint})"

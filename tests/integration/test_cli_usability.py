@@ -228,7 +228,7 @@ def held_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-@pytest.mark.parametrize("flag", ["--grpc-port", "--metrics-port"])
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--metrics-port"])
 def test_a_port_in_use_names_the_port_and_its_flag(
     demo_registry: Path, held_port: int, flag: str
 ) -> None:

@@ -157,7 +157,9 @@ def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot bind the HTTP port {host}:{port}: {exc.strerror}") from None
+        raise OSError(
+            exc.errno, f"cannot bind the HTTP port {host}:{port}: {exc.strerror}"
+        ) from None
     return sock
 
 
