@@ -40,8 +40,13 @@ typecheck: $(STAMP)
 proto: $(STAMP)
 	$(PY) proto/generate.py
 
+# First the field bench (perf_analyzer against batchline, echo, naive, Triton and MLServer; the
+# peers install into .tools/ on first use), then the loadtest-driven scenarios and overload.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
+	PYTHON=$(PY) bash scripts/install_perf_analyzer.sh
+	PYTHON=$(PY) bash scripts/install_peers.sh
+	$(PY) -m bench.field
 	$(PY) -m bench.run
 	$(PY) -m bench.overload
 

@@ -53,6 +53,10 @@ class ServedModel:
     # entity ids instead of features, and the model input the features fill.
     view: FeatureView | None = None
     entity_signature: ModelSignature | None = None
+    # The feature input and the entity key together: a request may send both (the features are
+    # used, the ids only route and label it), which is what clients that fill every input the
+    # metadata lists (perf_analyzer, tritonclient's generic tools) do.
+    combined_signature: ModelSignature | None = None
     feature_input: str = ""
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker("unset"))
     # Which outputs are a classifier's scores (first float) and labels (first integer):
@@ -633,6 +637,14 @@ class ModelManager:
             static_fallback=_static_fallback(settings, runtime.signature),
             view=view,
             entity_signature=entity_signature,
+            combined_signature=(
+                None
+                if entity_signature is None
+                else ModelSignature(
+                    inputs=(*runtime.signature.inputs, *entity_signature.inputs),
+                    outputs=runtime.signature.outputs,
+                )
+            ),
             feature_input=feature_input,
             key=key,
             alias=alias,

@@ -123,7 +123,12 @@ class InferencePipeline:
         try:
             view = served.view
             if view is not None and view.entity_key in request.inputs:
-                request.inputs, parameters = await self._features_for(served, view, request)
+                if served.feature_input in request.inputs:
+                    # Features sent with the ids: they are what the model gets (the ids have
+                    # routed the request already: the canary split, the drift entity id).
+                    del request.inputs[view.entity_key]
+                else:
+                    request.inputs, parameters = await self._features_for(served, view, request)
             outputs, answered = await self._run(served, request, parameters)
             if role == "canary":
                 parameters["route"] = "canary"

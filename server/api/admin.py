@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,10 @@ from server.api.status import abort
 from server.control import ControlPlane
 from server.errors import InvalidArgument, ServingError
 from server.models import ModelManager, ModelSlot
+from server.net import is_loopback
 from server.routing import Route, ShadowSpec
 
 log = logging.getLogger("server.api.admin")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_admin_token(token: str, token_file: str) -> str:
@@ -56,9 +47,9 @@ class AdminGuard:
 
     def __init__(self, token: str, host: str, *, insecure: bool = False) -> None:
         self._token = token.encode()
-        self._open = not token and (insecure or _is_loopback(host))
+        self._open = not token and (insecure or is_loopback(host))
         self._host = host
-        if not token and insecure and not _is_loopback(host):
+        if not token and insecure and not is_loopback(host):
             log.warning(
                 "admin RPCs are open to any caller on %s (admin_insecure = true, no admin token)",
                 host or "every address",

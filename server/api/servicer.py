@@ -83,14 +83,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             )
         deadline = None if remaining is None else self._clock.now() + remaining
         entity_signature = served.entity_signature
-        if (
-            entity_signature is not None
-            and len(request.inputs) == 1
-            and request.inputs[0].name == entity_signature.inputs[0].name
-        ):
-            signature = entity_signature
-        else:
-            signature = served.runtime.signature
+        signature = served.runtime.signature
+        if entity_signature is not None:
+            key = entity_signature.inputs[0].name
+            tensors = request.inputs
+            if len(tensors) == 1 and tensors[0].name == key:
+                signature = entity_signature  # ids only: the server reads the features
+            elif len(tensors) == 2 and (tensors[0].name == key or tensors[1].name == key):
+                signature = served.combined_signature or signature  # features win over ids
         try:
             # version None: the caller named no version, so routing (canary) may choose one.
             decoded = decode_request(
@@ -252,6 +252,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             name=served.key.name,
             versions=versions,
             platform="onnxruntime_onnx",
+            # The feature input only: an entity-keyed model's entity key is in ModelConfig's
+            # parameters. Listed here as a second input, it makes clients that fill every input
+            # fail (perf_analyzer: "unable to set shape for the input" for a BYTES [-1]).
             inputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
                     name=t.name, datatype=t.datatype, shape=t.shape
@@ -321,8 +324,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         view = served.view
         if view is not None:
             # Entity-keyed serving: a request may send `entity_key` (BYTES [-1], one id per
-            # row) instead of `feature_input`; the server then reads the features itself. Not
-            # listed among `input`, which clients such as perf_analyzer fill all of at once.
+            # row) instead of `feature_input` (the server then reads the features itself), or
+            # both (the features are used; the ids route the request and label its drift
+            # record). Not among `input`: see ModelMetadata.
             params.update(
                 entity_key=view.entity_key,
                 entity_key_datatype="BYTES",

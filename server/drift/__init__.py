@@ -21,13 +21,13 @@ scipy) so the server's config can use it.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from server.errors import ConfigError
+from server.net import is_loopback
 
 # Metric -> the direction that is bad. feature_* metrics are evaluated per feature.
 ALERT_METRICS: dict[str, str] = {
@@ -132,16 +132,6 @@ class DriftSettings:
             with open(self.token_file, encoding="utf-8") as fh:
                 return fh.read().strip()
         return self.token
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps a listener on this machine ("" and 0.0.0.0 do not)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # Environment variables for the [drift] keys both ends read (the token, never a flag).

@@ -194,7 +194,13 @@ async def run_sidecar(settings: DriftSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     sidecar = Sidecar(settings)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except BaseException:
+        # A port in use, say: release what did start (the gRPC server) before the error
+        # reaches the CLI, so the user sees its one line and no teardown traceback.
+        await sidecar.stop()
+        raise
     await stop.wait()
     log.info("signal received: stopping the drift sidecar")
     await sidecar.stop()

@@ -462,3 +462,34 @@ async def test_model_config_advertises_the_entity_key_of_an_entity_keyed_model(
     assert (params["entity_key_datatype"], params["entity_key_shape"]) == ("BYTES", "[-1]")
     assert params["feature_input"] == "input"
     assert params["feature_view"] == view["name"]
+
+
+async def test_features_sent_with_entity_ids_are_what_the_model_gets(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """A client filling both the feature input and the entity key (no feature store here):
+    the features are used, the ids only travel along; the answer equals features alone."""
+    import struct
+
+    rows = np.random.default_rng(5).normal(size=(3, 15)).astype(np.float32)
+    both = pb.ModelInferRequest(model_name="churn", id="both")
+    both.inputs.add(name="input", datatype="FP32", shape=[3, 15])
+    both.inputs.add(name="customer_id", datatype="BYTES", shape=[3])
+    both.raw_input_contents.append(rows.tobytes())
+    both.raw_input_contents.append(
+        b"".join(struct.pack("<I", len(i)) + i for i in (b"c0", b"nobody", b"c8"))
+    )
+    alone = pb.ModelInferRequest(model_name="churn", id="alone")
+    alone.inputs.add(name="input", datatype="FP32", shape=[3, 15])
+    alone.raw_input_contents.append(rows.tobytes())
+    with_ids, without = await stub.ModelInfer(both), await stub.ModelInfer(alone)
+    assert list(with_ids.raw_output_contents) == list(without.raw_output_contents)
+    assert "defaulted_rows" not in with_ids.parameters
+    mismatch = pb.ModelInferRequest()
+    mismatch.CopyFrom(both)
+    mismatch.inputs[1].shape[:] = [2]
+    mismatch.raw_input_contents[1] = b"".join(struct.pack("<I", 2) + b"c0" for _ in range(2))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ModelInfer(mismatch)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rows" in (refused.value.details() or "")

@@ -55,21 +55,8 @@ def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_two_workers_share_the_port_and_their_metrics_add_up(
     demo_registry: Path, tmp_path: Path
 ) -> None:
-    (grpc_port,) = _free_ports(1)
-    metrics_port, *worker_ports = _free_ports(3)
-    ready = tmp_path / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--registry", str(demo_registry),
-         "--model", "churn@production", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-         "--metrics-port", str(metrics_port), "--workers", "2", "--ready-file", str(ready)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc, grpc_port, worker_ports, metrics_port = _start_workers(demo_registry, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not all(Path(f"{ready}.{i}").exists() for i in range(2)):
-            assert proc.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "workers not ready"
-            time.sleep(0.05)
         request = pb.ModelInferRequest(model_name="churn")
         request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
         request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
@@ -117,7 +104,7 @@ def _start_workers(
         assert proc.poll() is None, "the server exited"
         assert time.monotonic() < deadline, "workers not ready"
         time.sleep(0.05)
-    return proc, grpc_port, worker_ports
+    return proc, grpc_port, worker_ports, metrics_port
 
 
 def _fresh_answers(grpc_port: int, calls: int) -> list[tuple[str, str, str]]:
@@ -148,7 +135,7 @@ def test_set_route_and_reload_reach_every_worker_before_the_answer(
     from server._proto import admin_pb2 as admin_pb
     from server._proto import admin_pb2_grpc as admin_grpc
 
-    proc, grpc_port, worker_ports = _start_workers(demo_registry, tmp_path)
+    proc, grpc_port, worker_ports, _ = _start_workers(demo_registry, tmp_path)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             admin = admin_grpc.AdminServiceStub(channel)
