@@ -10,7 +10,8 @@ request is its microseconds:
     grpc+loop   samples with no batchline frame below the event loop (grpc.aio's Cython core,
                 uvloop, protobuf parsing; and grpc's poller thread)
     handler     servicer.py's own lines          decode     api/codec.py
-    pipeline    pipeline.py, routing, breaker    batcher    batching.py (queue, futures, cut)
+    pipeline    pipeline.py, routing, shadow/,   batcher    batching.py (queue, futures, cut)
+                breaker
     model       onnxruntime                      metrics    observability/
     encode      api/wire.py                      other      anything else in server/
 
@@ -43,6 +44,7 @@ STAGES = (
     ("server/batching.py", "batcher"),
     ("server/pipeline.py", "pipeline"),
     ("server/routing.py", "pipeline"),
+    ("server/shadow/", "pipeline"),
     ("server/breaker.py", "pipeline"),
     ("server/observability/", "metrics"),
     ("onnxruntime", "model"),

@@ -40,9 +40,9 @@ from server.observability.metrics import (
 )
 from server.observability.tracing import Tracing
 from server.pipeline import InferencePipeline
-from server.promotion import PromotionGate, pooled_pairs
 from server.readiness import write_ready_file
-from server.shadow import PairLog
+from server.shadow.log import PairLog
+from server.shadow.promotion import PromotionGate, pooled_pairs
 
 log = logging.getLogger(__name__)
 

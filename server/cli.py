@@ -30,10 +30,10 @@ from registry_client import cli as registry_cli
 from registry_client.errors import RegistryError
 from server import admin_cli
 from server import drift as drift_settings
-from server import shadow as shadow_report
 from server.config import ServerSettings, Settings, load_settings
 from server.drift import report as drift_report
 from server.errors import ConfigError, ServingError
+from server.shadow import cli as shadow_report
 
 DESCRIPTION = """batchline serves ONNX models over gRPC, speaking the Open Inference Protocol (KServe V2): a
 dynamic batcher in front of onnxruntime, models resolved by alias from a file registry or MLflow,

@@ -37,7 +37,7 @@ from server.drift import DriftSettings, settings_from_env
 from server.drift import check_settings as check_drift
 from server.errors import ConfigError
 from server.observability.tracing import TracingSettings
-from server.shadow import GateConfig
+from server.shadow.gate import GateConfig
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from server.errors import FailedPrecondition, InvalidArgument, NotFound, Serving
 from server.features.view import FeatureView
 from server.observability.metrics import Metrics, ModelObserver
 from server.observability.stats import ModelStats
-from server.routing import Route, ShadowMirror, ShadowSpec
+from server.routing import Route, ShadowSpec
 from server.runtime import OnnxModel, RuntimeOptions
-from server.shadow import ShadowPair
+from server.shadow.mirror import ShadowMirror
+from server.shadow.pairs import ShadowPair
 from server.types import ModelKey, ModelSignature, TensorSpec
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from server.features.store import FeatureLookup
 from server.features.view import FeatureView
 from server.models import ModelManager, ServedModel
 from server.routing import Route, choose_version, mirror_targets
-from server.shadow import PairLog, ShadowPair
+from server.shadow.log import PairLog
+from server.shadow.pairs import ShadowPair
 from server.types import InferRequest, InferResult, ModelKey
 
 

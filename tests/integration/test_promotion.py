@@ -15,7 +15,7 @@ from registry_client.demo import load_reference
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
-from server.promotion import PromotionGate
+from server.shadow.promotion import PromotionGate
 
 AppFactory = Callable[..., Awaitable[App]]
 
@@ -97,8 +97,8 @@ async def test_the_gate_judges_the_pairs_of_every_worker_together(
 ) -> None:
     """With --workers N the gate runs once, in worker 0, on every worker's pairs: 60 pairs here
     and 60 in another worker's log file pass min_requests = 100; either half alone waits."""
-    from server.promotion import pooled_pairs
-    from server.shadow import PairLog
+    from server.shadow.log import PairLog
+    from server.shadow.promotion import pooled_pairs
 
     app, registry = await _mirrored(
         start_app, demo_registry, tmp_path, 'gate_action = "apply"\n' + LOOSE

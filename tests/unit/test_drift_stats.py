@@ -18,6 +18,8 @@ from scipy.spatial import distance
 from server._proto import drift_pb2 as pb
 from server.clock import FakeClock
 from server.drift import AlertRule, DriftSettings, check_settings
+from server.drift.alerts import Alert, AlertActions
+from server.drift.monitor import DriftMonitor
 from server.drift.producer import DriftProducer, backoff_delay, to_record
 from server.drift.profile import (
     ReferenceProfile,
@@ -26,7 +28,7 @@ from server.drift.profile import (
     build_profile,
     quantile_edges,
 )
-from server.drift.sidecar import Alert, AlertActions, DriftMonitor, RowWindow, TokenGuard
+from server.drift.service import TokenGuard
 from server.drift.stats import (
     EPSILON,
     AlertGate,
@@ -38,6 +40,7 @@ from server.drift.stats import (
     psi_level,
     roc_auc,
 )
+from server.drift.windows import RowWindow
 from server.errors import ConfigError
 
 

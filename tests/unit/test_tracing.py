@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from server.observability import tracing as tracing_module
 from server.observability.tracing import (
     RequestTrace,
     SpanBuilder,
@@ -27,6 +26,8 @@ from server.observability.tracing import (
     encode_records,
     serve_exports,
 )
+from server.observability.tracing import export as export_module
+from server.observability.tracing import recorder as recorder_module
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 PARENT_ID = 0xB7AD6B7169203331
@@ -161,7 +162,7 @@ def test_sampling_decisions_are_the_sdk_samplers(
     for _ in range(2000):
         trace_id = rng.getrandbits(128) or 1
         ids = iter([trace_id, rng.getrandbits(64) or 1])
-        monkeypatch.setattr(tracing_module, "_getrandbits", lambda bits, ids=ids: next(ids))
+        monkeypatch.setattr(recorder_module, "_getrandbits", lambda bits, ids=ids: next(ids))
         ours = tracing.start_request("ModelInfer", (), None) is not None
         assert ours == sdk.should_sample(None, trace_id, "ModelInfer").decision.is_sampled()
     tracing.shutdown()
@@ -364,7 +365,7 @@ def test_a_stalled_export_process_costs_dropped_traces_not_waiting() -> None:
 def test_otlp_without_the_exporter_package_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tracing_module, "_importable", lambda module: False)
+    monkeypatch.setattr(export_module, "_importable", lambda module: False)
     with pytest.raises(ValueError, match=r"tracing\.exporter.*opentelemetry-exporter-otlp"):
         Tracing.from_settings(TracingSettings(sampling_ratio=1.0, exporter="otlp"))
 

@@ -2,7 +2,7 @@
 does not, from the side-by-side pairs the mirror collects.
 
 Per model with `gate_action` other than "off", every `gate_interval_s`: the pairs since the
-shadow joined the route (same primary version) are compared (server/shadow.py) and judged by
+shadow joined the route (same primary version) are compared (server/shadow/compare.py) and judged by
 `evaluate_gate`. Every decision other than "wait" is logged with its numbers. With
 `gate_action = "apply"`, "promote" moves the model's alias to the shadow's version in the
 registry and reloads (the shadow becomes the primary, through the usual safe swap), and
@@ -27,15 +27,10 @@ from typing import TYPE_CHECKING
 
 from server.errors import ServingError
 from server.models import ModelManager
-from server.shadow import (
-    GateConfig,
-    GateDecision,
-    LogContents,
-    PairLog,
-    compare,
-    evaluate_gate,
-    read_log,
-)
+from server.shadow.compare import compare
+from server.shadow.gate import GateConfig, GateDecision, evaluate_gate
+from server.shadow.log import PairLog, read_log
+from server.shadow.pairs import LogContents
 
 if TYPE_CHECKING:
     from server.control import ControlPlane
