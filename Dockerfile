@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
-# batchline: an ONNX inference server speaking the Open Inference Protocol (KServe V2) over gRPC.
+# batchline: an ONNX inference server speaking the Open Inference Protocol (KServe V2) over gRPC and REST.
 #
 #   docker build -t batchline .                                   # the serving image (last stage)
 #   docker build -t batchline-demo-models --target demo-models .  # trains the demo registry
-#   docker run -p 8001:8001 -p 8002:8002 -v REGISTRY:/var/lib/batchline/registry:ro batchline
+#   docker run -p 8000:8000 -p 8001:8001 -p 8002:8002 -v REGISTRY:/var/lib/batchline/registry:ro batchline
 #
 # Configuration: /etc/batchline/batchline.toml (deploy/batchline.toml; mount your own over it),
 # then BATCHLINE_* environment variables. The final image holds the wheel and its serving
@@ -45,7 +45,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/tmp/wheels \
 COPY deploy/batchline.toml /etc/batchline/batchline.toml
 USER 10001:10001
 # gRPC (inference + grpc.health.v1), Prometheus metrics.
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # The same command serves as Kubernetes' exec probe where native gRPC probes are off.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["batchline", "health", "--address", "127.0.0.1:8001", "--timeout", "3"]

@@ -312,8 +312,9 @@ def test_entrypoint_runs_batchline_serve_with_the_image_config(final: Stage) -> 
     assert args.config in copied, f"nothing in the final stage puts a file at {args.config}"
     settings = load_settings(ROOT / copied[args.config])
     exposed = {int(p.split("/")[0]) for e in final.all("EXPOSE") for p in e.args.split()}
-    assert exposed == {settings.server.grpc_port, settings.server.metrics_port}
-    assert exposed == {ServerSettings().grpc_port, ServerSettings().metrics_port}
+    s, default = settings.server, ServerSettings()
+    assert exposed == {s.grpc_port, s.http_port, s.metrics_port}
+    assert exposed == {default.grpc_port, default.http_port, default.metrics_port}
 
 
 def test_final_stage_is_slim_python_non_root_without_train_or_dev_extras(

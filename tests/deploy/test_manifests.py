@@ -168,7 +168,11 @@ def test_server_container_exposes_the_configured_ports_with_grpc_probes(tmp_path
     settings = config_settings(tmp_path).server
     assert (settings.grpc_port, settings.metrics_port) == (SERVER.grpc_port, SERVER.metrics_port)
     server = container("server")
-    assert ports_of(server) == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
+    assert ports_of(server) == {
+        "grpc": settings.grpc_port,
+        "http": settings.http_port,
+        "metrics": settings.metrics_port,
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == settings.grpc_port, probe
     annotations = resource("Deployment")["spec"]["template"]["metadata"]["annotations"]
@@ -453,7 +457,12 @@ def test_compose_publishes_the_servers_and_the_sidecars_default_ports(
     }
     assert {settings.grpc_port, settings.metrics_port} == {SERVER.grpc_port, SERVER.metrics_port}
     # The drift gRPC port listens on the namespace's loopback: publishing it would reach nothing.
-    assert published == {settings.grpc_port, settings.metrics_port, DRIFT_PORTS[1]}
+    assert published == {
+        settings.grpc_port,
+        settings.http_port,
+        settings.metrics_port,
+        DRIFT_PORTS[1],
+    }
     assert compose["services"]["drift"]["network_mode"] == "service:batchline"
 
 
