@@ -14,41 +14,19 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from loadtest.options import Options
+from registry_client.datatypes import TYPED_FIELD, V2_TO_NUMPY
 from server._proto import inference_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 STREAM_INFER = "ModelStreamInfer"
 REQUEST_ID = "loadtest"
 
+# From the project's one datatype table (BYTES is built separately, as length-prefixed raw).
 _NUMPY_DTYPES: dict[str, type[np.generic]] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
+    name: dtype.type for name, dtype in V2_TO_NUMPY.items() if name != "BYTES"
 }
 # V2 typed contents: which InferTensorContents field carries each datatype.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+_CONTENTS_FIELD = TYPED_FIELD
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from registry_client.datatypes import ONNX_TO_V2
 from registry_client.errors import AliasNotFound, ModelNotFound, RegistryError
 from registry_client.file_registry import FileRegistry
 from registry_client.profile import PROFILE_FILE, build_profile
@@ -47,22 +48,7 @@ _REFERENCE_ROWS = 2000
 _TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 
 # onnx.TensorProto element type number -> KServe V2 datatype name.
-_ONNX_TO_V2 = {
-    1: "FP32",
-    2: "UINT8",
-    3: "INT8",
-    4: "UINT16",
-    5: "INT16",
-    6: "INT32",
-    7: "INT64",
-    8: "BYTES",
-    9: "BOOL",
-    10: "FP16",
-    11: "FP64",
-    12: "UINT32",
-    13: "UINT64",
-    16: "BF16",
-}
+_ONNX_TO_V2 = ONNX_TO_V2
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]

@@ -6,25 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from registry_client.datatypes import V2_NAMES
+
 # KServe V2 (Open Inference Protocol) datatype names.
-V2_DATATYPES = frozenset(
-    {
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-        "BF16",
-        "BYTES",
-    }
-)
+V2_DATATYPES = V2_NAMES
 
 
 @dataclass(frozen=True, slots=True)

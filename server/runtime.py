@@ -17,26 +17,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from registry_client.datatypes import ORT_TO_V2
 from server.errors import ModelError
 from server.types import ModelSignature, TensorSpec
 
 log = logging.getLogger(__name__)
 
-_ORT_TO_V2 = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
+_ORT_TO_V2 = ORT_TO_V2
 
 # A batch-1 call cheaper than this runs inline on the event loop: handing it to a thread and back
 # costs tens of microseconds of Python and wake-ups, more than the model itself (ECOSYSTEM.md).

@@ -7,23 +7,9 @@ from typing import Any
 
 import numpy as np
 
-# V2 datatype name <-> numpy dtype. BYTES is carried as an object array of bytes.
-V2_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(np.object_),
-}
-NUMPY_TO_V2: dict[np.dtype[np.generic], str] = {v: k for k, v in V2_TO_NUMPY.items()}
+# V2 datatype name <-> numpy dtype (BYTES is an object array of bytes): the one table.
+from registry_client.datatypes import NUMPY_TO_V2 as NUMPY_TO_V2
+from registry_client.datatypes import V2_TO_NUMPY as V2_TO_NUMPY
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,25 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from registry_client.datatypes import TYPED_FIELD as _TYPED_FIELD
 from server._proto import inference_pb2 as pb
 from server.errors import InvalidArgument, TooLarge
 from server.types import NUMPY_TO_V2, V2_TO_NUMPY, InferRequest, InferResult, ModelSignature
 
 # Which typed `contents` field carries each datatype (FP16 and BF16 have none: raw only).
-TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+TYPED_FIELD = _TYPED_FIELD
 _CONTENT_FIELDS = tuple(sorted(set(TYPED_FIELD.values())))
 
 

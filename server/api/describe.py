@@ -10,27 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from registry_client.datatypes import CONFIG_TYPES as _CONFIG_TYPES
 from server import __version__
 from server.models import ServedModel
 
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 
-# V2 datatype -> Triton's model_config.proto DataType name.
-CONFIG_TYPES = {
-    "BOOL": "TYPE_BOOL",
-    "UINT8": "TYPE_UINT8",
-    "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64",
-    "INT8": "TYPE_INT8",
-    "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "FP16": "TYPE_FP16",
-    "FP32": "TYPE_FP32",
-    "FP64": "TYPE_FP64",
-    "BYTES": "TYPE_STRING",
-}
+# V2 datatype -> Triton's model_config.proto DataType name (the one datatype table).
+CONFIG_TYPES = _CONFIG_TYPES
 
 
 def server_metadata() -> dict[str, Any]:
