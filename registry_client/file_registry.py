@@ -35,6 +35,7 @@ from registry_client.manifest import (
     METADATA,
     RESERVED,
     DigestCache,
+    ExternalDataCache,
     check_attachments,
     check_manifest,
     external_data_files,
@@ -93,7 +94,7 @@ class FileRegistry:
     def __init__(self, root: Path | str) -> None:
         self._root = Path(root).expanduser().resolve()
         self._digests = DigestCache()
-        self._references: dict[str, tuple[str, ...]] = {}  # model sha256 -> external data
+        self._external = ExternalDataCache(self._digests)
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -431,18 +432,7 @@ class FileRegistry:
             )
 
     def _external_data(self, model: Path, sha256: str) -> tuple[str, ...]:
-        """The external data a verified model.onnx references (parsed once per model digest)."""
-        with self._lock:
-            known = self._references.get(sha256)
-        if known is not None:
-            return known
-        found = external_data_files(model)
-        actual = self._digests.digest(model)
-        if actual != sha256:  # replaced while it was being read
-            raise ChecksumMismatch(str(model), sha256, actual)
-        with self._lock:
-            self._references[sha256] = found
-        return found
+        return self._external.files(model, sha256)
 
     def _fetch_legacy(self, mv: ModelVersion, path: Path) -> Path:
         """A version registered before manifests: model.onnx is checked; external data cannot be,

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from registry_client.errors import InvalidName, ManifestError, RegistryError
+from registry_client.errors import ChecksumMismatch, InvalidName, ManifestError, RegistryError
 from registry_client.refs import validate_name
 
 ARTIFACT = "model.onnx"
@@ -182,6 +182,30 @@ class DigestCache:
             with self._lock:
                 self._known[key] = (before, actual)
         return actual
+
+
+class ExternalDataCache:
+    """The external-data files a model.onnx references, parsed once per model digest (both
+    registries ask on every fetch; the graph of a given sha256 never changes)."""
+
+    def __init__(self, digests: DigestCache) -> None:
+        self._digests = digests
+        self._known: dict[str, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+
+    def files(self, model: Path, sha256: str) -> tuple[str, ...]:
+        """`model`'s external-data locations; ChecksumMismatch if it was replaced meanwhile."""
+        with self._lock:
+            known = self._known.get(sha256)
+        if known is not None:
+            return known
+        found = external_data_files(model)
+        actual = self._digests.digest(model)
+        if actual != sha256:  # replaced while it was being read
+            raise ChecksumMismatch(str(model), sha256, actual)
+        with self._lock:
+            self._known[sha256] = found
+        return found
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

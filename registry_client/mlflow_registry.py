@@ -69,6 +69,7 @@ from registry_client.http import (
 )
 from registry_client.manifest import (
     DigestCache,
+    ExternalDataCache,
     check_attachments,
     check_manifest,
     external_data_files,
@@ -148,7 +149,7 @@ class MlflowRegistry:
         )
         self._cache = Path(cache_dir).expanduser().resolve()
         self._digests = DigestCache()
-        self._references: dict[str, tuple[str, ...]] = {}  # model sha256 -> external data
+        self._external = ExternalDataCache(self._digests)
         # Versions fetched (so verified) here: attachment() needs no server for them.
         self._fetched: dict[tuple[str, str], ModelVersion] = {}
         self._lock = threading.Lock()
@@ -613,18 +614,7 @@ class MlflowRegistry:
         return dest
 
     def _external_data(self, model: Path, sha256: str) -> tuple[str, ...]:
-        """The external data a verified cached model.onnx references (parsed once per digest)."""
-        with self._lock:
-            known = self._references.get(sha256)
-        if known is not None:
-            return known
-        found = external_data_files(model)
-        actual = self._digests.digest(model)
-        if actual != sha256:  # replaced while it was being read
-            raise ChecksumMismatch(str(model), sha256, actual)
-        with self._lock:
-            self._references[sha256] = found
-        return found
+        return self._external.files(model, sha256)
 
     def _to_model_version(self, record: Mapping[str, Any]) -> ModelVersion:
         name, version = str(record["name"]), str(record["version"])
