@@ -178,14 +178,15 @@ class ControlPlane:
             out = replace(out, ref=state.ref)
         if state.route is not None:
             record = state.route
+            shadows = [ShadowSpec.from_dict(s) for s in record.get("shadows", ())]
+            # Loaded with one sample rate; started() then applies each shadow's own.
             out = replace(
                 out,
                 canary=str(record.get("canary") or ""),
                 canary_percent=float(record.get("canary_percent", 0.0) or 0.0),
-                shadows=tuple(ShadowSpec.from_dict(s).version for s in record.get("shadows", ())),
+                shadows=tuple(s.version for s in shadows),
                 shadow_sample_percent=max(
-                    (ShadowSpec.from_dict(s).sample_percent for s in record.get("shadows", ())),
-                    default=settings.shadow_sample_percent,
+                    (s.sample_percent for s in shadows), default=settings.shadow_sample_percent
                 ),
             )
         log.info(
