@@ -211,9 +211,7 @@ async def request_path(
     await app.start()
     try:
         served = app.models.get("churn", "")
-        servicer = InferenceServicer(
-            app.pipeline, app.clock, max_tensor_elements=1 << 22, is_ready=lambda: True
-        )
+        servicer = InferenceServicer(app.plane, app.clock, max_tensor_elements=1 << 22)
         request = pb.ModelInferRequest(model_name="churn")
         rows = np.random.default_rng(0).normal(size=(1, 15)).astype(np.float32)
         request.inputs.add(name="input", datatype="FP32", shape=[1, 15])

@@ -25,6 +25,7 @@ from server.breaker import CircuitBreaker
 from server.clock import Clock, MonotonicClock
 from server.config import Settings
 from server.control import ControlPlane, LocalBus
+from server.dataplane import DataPlane
 from server.drift.producer import DriftProducer
 from server.errors import ConfigError
 from server.features.sqlite_store import SqliteFeatureStore
@@ -87,7 +88,25 @@ class App:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         active_tracing = self.tracing if self.tracing.enabled else None
-        self.models = ModelManager(self.registry, self.clock, self.metrics, tracing=active_tracing)
+        self._active_tracing = active_tracing
+        srv = settings.server
+        self.bus = (
+            LocalBus(srv.worker_dir, srv.worker_index, srv.worker_count)
+            if srv.worker_count > 1 and srv.worker_dir
+            else None
+        )
+        self.pair_log = PairLog(
+            srv.shadow_log_max_pairs,
+            path=self._pair_log_path(srv.worker_index),
+            max_memory_bytes=srv.shadow_log_max_memory_bytes,
+        )
+        self.models = ModelManager(
+            self.registry,
+            self.clock,
+            self.metrics,
+            tracing=active_tracing,
+            pair_sink=self.pair_log.append,
+        )
         self.features: FeatureLookup | None = None
         feature_metrics: FeatureMetrics | None = None
         if settings.server.feature_store:
@@ -132,12 +151,7 @@ class App:
             feature_observer=feature_metrics,
             drift=self.drift,
             tracing=active_tracing,
-        )
-        srv = settings.server
-        self.bus = (
-            LocalBus(srv.worker_dir, srv.worker_index, srv.worker_count)
-            if srv.worker_count > 1 and srv.worker_dir
-            else None
+            pair_log=self.pair_log,
         )
         try:
             control_store = open_control_store(self.registry, srv.deployment)
@@ -146,15 +160,16 @@ class App:
         self.control = ControlPlane(
             self.models, control_store, bus=self.bus, poll_interval_s=srv.poll_interval_s
         )
-        self.pair_log = PairLog(
-            srv.shadow_log_max_pairs,
-            path=self._pair_log_path(srv.worker_index),
-            max_memory_bytes=srv.shadow_log_max_memory_bytes,
+        # The one interface every transport calls.
+        self.plane = DataPlane(
+            self.pipeline,
+            self.models,
+            self.clock,
+            is_ready=lambda: self._ready,
+            control=self.control,
         )
-        self.pipeline.pair_log = self.pair_log
         self.metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
-        self.models.pair_sink = self.pair_log.append  # type: ignore[method-assign]
-        self.metrics.registry.register(MirrorCollector(self.models.slots))
+        self.metrics.registry.register(MirrorCollector(self.models.mirrors))
         self.metrics.registry.register(PairLogCollector(self.pair_log))
         self.health = Health()
         self.grpc_port = 0
@@ -169,7 +184,7 @@ class App:
         self._watcher: asyncio.Task[None] | None = None
         self._gate: asyncio.Task[None] | None = None
         self._control_task: asyncio.Task[None] | None = None
-        self._servicer: InferenceServicer | None = None
+        self._listening = False
 
     def _pair_log_path(self, index: int) -> str | None:
         """Where worker `index` writes its shadow pairs: `shadow_log` (`.w<index>` with several
@@ -195,14 +210,12 @@ class App:
             server_settings.host,
             insecure=server_settings.admin_insecure,
         )
-        servicer = self._servicer = InferenceServicer(
-            self.pipeline,
+        servicer = InferenceServicer(
+            self.plane,
             self.clock,
             max_tensor_elements=server_settings.max_tensor_elements,
             max_request_id_bytes=server_settings.max_request_id_bytes,
-            is_ready=lambda: self._ready,
-            control=self.control,
-            tracing=self.tracing if self.tracing.enabled else None,
+            tracing=self._active_tracing,
         )
         self._server, self.grpc_port = build_server(
             servicer,
@@ -211,7 +224,7 @@ class App:
             port=server_settings.grpc_port,
             max_message_bytes=server_settings.max_message_bytes,
             reuse_port=server_settings.workers > 1,
-            admin=AdminServicer(self.models, self.control),
+            admin=AdminServicer(self.plane),
             guard=admin_guard,
             tls=TlsFiles(server_settings.tls_cert, server_settings.tls_key, server_settings.tls_ca)
             if server_settings.tls_cert
@@ -224,6 +237,7 @@ class App:
         if self.drift is not None:
             await self.drift.start()
         await self._server.start()
+        self._listening = True
         if server_settings.http_port >= 0:
             await self._start_rest(admin_guard)
         if server_settings.metrics_port >= 0:
@@ -277,15 +291,13 @@ class App:
         """The V2 REST binding on the same loop, through the same pipeline as gRPC."""
         srv = self.settings.server
         rest_app = RestApp(
-            self.pipeline,
+            self.plane,
             self.clock,
             max_tensor_elements=srv.max_tensor_elements,
             max_request_id_bytes=srv.max_request_id_bytes,
             max_body_bytes=srv.max_message_bytes,
-            is_ready=lambda: self._ready,
             guard=guard,
-            control=self.control,
-            tracing=self.tracing if self.tracing.enabled else None,
+            tracing=self._active_tracing,
         )
         self._rest = RestServer(
             rest_app,
@@ -330,8 +342,8 @@ class App:
         # been quiet for a moment, within what is left of the grace period.
         loop = asyncio.get_running_loop()
         until = started + grace
-        while self._servicer is not None and loop.time() < until:
-            if self.clock.now() - self._servicer.last_call >= QUIET_S:
+        while self._listening and loop.time() < until:
+            if self.clock.now() - self.plane.last_call >= QUIET_S:
                 break
             await asyncio.sleep(QUIET_S / 5)
         if self._server is not None:

@@ -202,7 +202,7 @@ class ControlPlane:
     async def started(self) -> None:
         """After every model loaded: apply stored routes exactly (per-shadow sample rates) and
         tell the other workers where this one is."""
-        for name in list(self._models.slots):
+        for name in self._models.names():
             applied = self._applied.setdefault(name, _Applied())
             if self._store is not None and applied.generation:
                 state = await self._call(self._store.read, name)
@@ -275,15 +275,15 @@ class ControlPlane:
         error = ""
         async with self._lock(name):
             try:
-                slot = self._models.slots[name]
-                configured = self._configured.get(name, slot.settings)
+                (before,) = self._models.status(name)
+                configured = self._configured.get(name, before.settings)
                 # Always a reload: a new generation with the same ref is a re-resolve of its
                 # alias asked for on another worker (cheap when nothing moved).
                 await self._models.reload(name, state.ref or configured.ref)
-                primary = slot.current.key.version
+                primary = self._models.get(name).key.version
                 if state.route is not None:
                     wanted = route_from_record(name, primary, state.route)
-                    if not _same_route(slot.route, wanted):
+                    if not _same_route(self._models.route(name), wanted):
                         await self._models.set_route(name, wanted)
             except (ServingError, ValueError) as exc:
                 error = exc.message if isinstance(exc, ServingError) else str(exc)
@@ -324,7 +324,7 @@ class ControlPlane:
             if bumped or due:
                 if due:
                     next_poll = loop.time() + self._poll_s if self._poll_s > 0 else forever
-                for name in list(self._models.slots):
+                for name in self._models.names():
                     try:
                         # A bump or a poll of a backend without a cheap change token reads the
                         # record; otherwise only a changed token does.

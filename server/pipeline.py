@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from server.models import ModelManager, ServedModel
 from server.routing import Route, choose_version, mirror_targets
 from server.shadow.log import PairLog
 from server.shadow.pairs import ShadowPair
-from server.types import InferRequest, InferResult, ModelKey
+from server.types import InferRequest, InferResult, ModelKey, Tracer
 
 
 def _sticky_key(served: ServedModel, request: InferRequest) -> str:
@@ -67,15 +67,18 @@ class InferencePipeline:
         features: FeatureLookup | None = None,
         feature_observer: FeatureObserver | None = None,
         drift: PredictionSink | None = None,
-        tracing: Any = None,
+        tracing: Tracer | None = None,
+        pair_log: PairLog | None = None,
     ) -> None:
         self._drift = drift
         self._tracing = tracing
-        self.models = models
+        self._models = models
         self._clock = clock
         self._features = features
         self._feature_observer = feature_observer
-        self.pair_log: PairLog | None = None
+        # Where mirrored requests that were shed or failed are counted (the shadow pairs
+        # themselves reach the log through the models' mirrors).
+        self._pair_log = pair_log
         self._accepting = True
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -85,19 +88,15 @@ class InferencePipeline:
     def in_flight(self) -> int:
         return self._in_flight
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     def resolve(self, name: str, version: str | None) -> ServedModel:
         if not self._accepting:
             raise Unavailable("server is shutting down")
-        return self.models.get(name, version)
+        return self._models.get(name, version)
 
     async def infer(self, served: ServedModel, request: InferRequest) -> InferResult:
         if not self._accepting:
             raise Unavailable("server is shutting down")
-        route = self.models.route(served.key.name)
+        route = self._models.route(served.key.name)
         role = "primary"
         sticky = ""
         if route is not None and request.version is None:
@@ -105,18 +104,16 @@ class InferencePipeline:
             if route.canary is not None:
                 version, role = choose_version(route, sticky)
                 if version != served.key.version:
-                    served = self.models.get(served.key.name, version)
-        cap = served.settings.max_in_flight
-        if cap and served.in_flight >= cap:
+                    served = self._models.get(served.key.name, version)
+        if not served.admit():
             served.observer.request_done(0.0, "RESOURCE_EXHAUSTED", request.protocol)
             served.observer.dropped("in_flight_cap", 1)
             raise ResourceExhausted(
                 f"model {served.key.name} has {served.in_flight} requests in flight "
-                f"(max_in_flight {cap})"
+                f"(max_in_flight {served.settings.max_in_flight})"
             )
         start = self._clock.now()
         self._in_flight += 1
-        served.in_flight += 1
         self._idle.clear()
         status = "OK"
         parameters: dict[str, object] = {}
@@ -176,7 +173,7 @@ class InferencePipeline:
             raise
         finally:
             served.observer.request_done(self._clock.now() - start, status, request.protocol)
-            served.in_flight -= 1
+            served.release()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -253,18 +250,18 @@ class InferencePipeline:
     ) -> None:
         """Offer mirrored copies to the shadows; never waits, never raises (shed when full)."""
         name = served.key.name
-        mirror = self.models.slots[name].mirror
+        mirror = self._models.mirror(name)
         if mirror is None:
             return
         for spec in mirror_targets(route, sticky):
-            shadow = self.models.versions(name).get(spec.version)
+            shadow = self._models.versions(name).get(spec.version)
             if shadow is None:
                 continue
             job = functools.partial(
                 self._shadow_job, served, shadow, request, sticky, outputs, latency_s
             )
-            if not mirror.offer(job) and self.pair_log is not None:
-                self.pair_log.note_shed(name)
+            if not mirror.offer(job) and self._pair_log is not None:
+                self._pair_log.note_shed(name)
 
     async def _shadow_job(
         self,
@@ -283,8 +280,8 @@ class InferencePipeline:
         try:
             outputs, _ = await self._run(shadow, copy, {})
         except ServingError:
-            if self.pair_log is not None:
-                self.pair_log.note_failure(primary.key.name, shadow.key.version)
+            if self._pair_log is not None:
+                self._pair_log.note_failure(primary.key.name, shadow.key.version)
             raise
         if self._drift is not None:
             self._record_drift(shadow, "shadow", copy, sticky, outputs, self._clock.now() - start)
@@ -314,7 +311,7 @@ class InferencePipeline:
             rows = request.rows
             return [np.repeat(v[None, ...], rows, axis=0) for v in served.static_fallback], served
         if kind == "previous":
-            previous = self.models.previous(served.key.name)
+            previous = self._models.previous(served.key.name)
             if previous is not None and previous is not served:
                 served.observer.fallback("previous")
                 parameters["fallback"] = f"previous:{previous.key.version}"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
@@ -57,6 +58,44 @@ class ModelKey:
         return f"{self.name}:{self.version}"
 
 
+class Trace(Protocol):
+    """A sampled request's span while it is served (server/observability/tracing.RequestTrace):
+    what the transports, the pipeline and the batcher may do with it."""
+
+    trace_id: int
+
+    def child(self, name: str, start_ns: int, end_ns: int, /) -> None: ...
+
+    def end(self, status_code: str = "OK", message: str = "", /) -> None: ...
+
+
+class Tracer(Protocol):
+    """Request tracing as the serving path sees it (server/observability/tracing.Tracing, when
+    it is enabled; None everywhere when it is off, which costs one check per request)."""
+
+    def start_request(
+        self,
+        name: str,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        attributes: Mapping[str, str] | None = None,
+        /,
+    ) -> Trace | None: ...
+
+    def epoch_ns(self, clock_seconds: float, /) -> int: ...
+
+    def record_batch(
+        self,
+        model: str,
+        version: str,
+        rows: int,
+        start_ns: int,
+        end_ns: int,
+        ok: bool,
+        requests: Sequence[Trace | None],
+        /,
+    ) -> None: ...
+
+
 @dataclass(slots=True)
 class InferRequest:
     """A validated request: every input present, typed and shaped per the signature.
@@ -75,7 +114,7 @@ class InferRequest:
     deadline: float | None = None
     parameters: dict[str, object] = field(default_factory=dict)
     # The request's trace when it is sampled (server/observability/tracing.RequestTrace).
-    trace: Any = None
+    trace: Trace | None = None
     # The binding it came in on ("grpc" or "http"), a label of the request metrics.
     protocol: str = "grpc"
     # False for traffic that must stay out of drift and shadow statistics (the request said

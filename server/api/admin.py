@@ -13,11 +13,11 @@ import grpc
 from server._proto import admin_pb2 as pb
 from server._proto import admin_pb2_grpc as pb_grpc
 from server.api.status import abort
-from server.control import ControlPlane
-from server.errors import InvalidArgument, ServingError
-from server.models import ModelManager, ModelSlot
+from server.dataplane import DataPlane
+from server.errors import ServingError
+from server.models import ModelStatus
 from server.net import is_loopback
-from server.routing import Route, ShadowSpec
+from server.routing import Route
 
 log = logging.getLogger("server.api.admin")
 
@@ -108,43 +108,38 @@ def _route_message(route: Route) -> Any:
     )
 
 
-def model_state(slot: ModelSlot) -> Any:
-    served = slot.current
-    mv = served.version_info
+def model_state(status: ModelStatus) -> Any:
+    mv = status.version_info
     return pb.ModelState(
-        name=served.key.name,
-        version=served.key.version,
-        ref=slot.settings.ref,
-        alias=served.alias or "",
+        name=status.name,
+        version=status.version,
+        ref=status.ref,
+        alias=status.alias,
         sha256=mv.sha256,
-        state=slot.state,
-        last_error=slot.last_error,
-        loaded_at_unix_ms=slot.loaded_at_ms,
-        last_check_unix_ms=slot.last_check_ms,
+        state=status.state,
+        last_error=status.last_error,
+        loaded_at_unix_ms=status.loaded_at_ms,
+        last_check_unix_ms=status.last_check_ms,
         metrics=dict(mv.metrics),
         tags=dict(mv.tags),
         source=mv.source,
         created=mv.created,
-        execution="inline" if served.inline else "executor",
-        reloads=slot.reloads,
-        failed_reloads=slot.failed_reloads,
+        execution=status.execution,
+        reloads=status.reloads,
+        failed_reloads=status.failed_reloads,
     )
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
     """Reads answer from this worker's state; writes (ReloadModel, SetRoute) go through the
-    control plane, which answers once every local worker has applied them."""
+    data plane to the control plane, which answers once every local worker has applied them."""
 
-    def __init__(self, models: ModelManager, control: ControlPlane | None = None) -> None:
-        self._models = models
-        self._control = control
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
 
     async def ReloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            if self._control is not None:
-                outcome = await self._control.reload(request.model, request.ref or None)
-            else:
-                outcome = await self._models.reload(request.model, request.ref or None)
+            outcome = await self._plane.reload(request.model, request.ref or None)
         except ServingError as exc:
             await abort(context, exc)
         return pb.ReloadModelResponse(
@@ -157,45 +152,27 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
 
     async def GetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            served = self._models.get(request.model)
+            route = self._plane.route(request.model)
         except ServingError as exc:
             await abort(context, exc)
-        route = self._models.route(request.model) or Route(request.model, served.key.version)
         return _route_message(route)
 
     async def SetRoute(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            served = self._models.get(request.model)
-            try:
-                route = Route(
-                    model=request.model,
-                    primary=request.primary or served.key.version,
-                    canary=request.canary or None,
-                    canary_percent=request.canary_percent,
-                    shadows=tuple(
-                        ShadowSpec(s.version, s.sample_percent or 100.0) for s in request.shadows
-                    ),
-                )
-            except ValueError as exc:
-                raise InvalidArgument(f"route for {request.model}: {exc}") from exc
-            if self._control is not None:
-                route = await self._control.set_route(request.model, route)
-            else:
-                route = await self._models.set_route(request.model, route)
+            route = await self._plane.set_route(
+                request.model,
+                primary=request.primary,
+                canary=request.canary,
+                canary_percent=request.canary_percent,
+                shadows=[(s.version, s.sample_percent) for s in request.shadows],
+            )
         except ServingError as exc:
             await abort(context, exc)
         return _route_message(route)
 
     async def ModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        slots = self._models.slots
-        if request.model:
-            slot = slots.get(request.model)
-            if slot is None:
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"unknown model '{request.model}' (served: {', '.join(sorted(slots))})",
-                )
-            chosen = [slot]
-        else:
-            chosen = list(slots.values())
-        return pb.ModelStatusResponse(models=[model_state(s) for s in chosen if s is not None])
+        try:
+            chosen = self._plane.status(request.model)
+        except ServingError as exc:
+            await abort(context, exc)
+        return pb.ModelStatusResponse(models=[model_state(s) for s in chosen])

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf.json_format import ParseDict  # type: ignore[import-untyped]
 
 from registry_client.datatypes import TYPED_FIELD as _TYPED_FIELD
 from server._proto import inference_pb2 as pb
-from server.errors import InvalidArgument, TooLarge
+from server.errors import InvalidArgument, ServingError, TooLarge
+from server.models import ServedModel
 from server.types import NUMPY_TO_V2, V2_TO_NUMPY, InferRequest, InferResult, ModelSignature
 
 # Which typed `contents` field carries each datatype (FP16 and BF16 have none: raw only).
@@ -105,6 +107,46 @@ def _check_shape(name: str, shape: Sequence[int], expected: tuple[int, ...], lim
             f"input '{name}' has {count} elements; the limit is {limits.max_elements} (max_tensor_elements)"
         )
     return count
+
+
+class Decoder:
+    """One transport's request decoding against a served version: its Limits (kept on the
+    version, so they go with it), the signature the request's tensors are checked against
+    (entity-keyed versions take ids, or features and ids), and the count of a refusal."""
+
+    __slots__ = ("_max_elements", "_max_id_bytes", "protocol")
+
+    def __init__(self, max_elements: int, max_id_bytes: int, protocol: str) -> None:
+        self._max_elements = max_elements
+        self._max_id_bytes = max_id_bytes
+        self.protocol = protocol
+
+    def decode(
+        self, served: ServedModel, request: Any, version: str | None, deadline: float | None
+    ) -> InferRequest:
+        """`request` is a ModelInferRequest (or the REST parser's lookalike); `version` None:
+        the caller named none, so routing (a canary) may choose one."""
+        limits = served.decode_state
+        if limits is None:
+            limits = served.decode_state = Limits(
+                served.max_batch_size, self._max_elements, self._max_id_bytes
+            )
+        signature = (
+            served.runtime.signature
+            if served.entity_signature is None
+            else served.request_signature([t.name for t in request.inputs])
+        )
+        try:
+            decoded = decode_request(request, signature, limits, version, deadline)
+        except ServingError as exc:
+            self.refused(served, exc)
+            raise
+        decoded.protocol = self.protocol
+        return decoded
+
+    def refused(self, served: ServedModel, exc: ServingError) -> None:
+        """Count a request refused before it reached the pipeline."""
+        served.observer.request_done(0.0, exc.kind.name, self.protocol)
 
 
 def decode_request(
@@ -389,3 +431,9 @@ def encode_result(result: InferResult) -> Any:
         else:
             param.string_param = str(value)
     return response
+
+
+def to_message(data: dict[str, Any], message: type) -> Any:
+    """A dict in the protocol's JSON shape (server/dataplane/describe) as its protobuf message,
+    so a field can never differ between the gRPC and HTTP bindings."""
+    return ParseDict(data, message())

@@ -1,27 +1,24 @@
-"""The V2 GRPCInferenceService: convert, call the pipeline, convert back. No policy here."""
+"""The V2 GRPCInferenceService: convert, call the data plane, convert back. No policy here."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import ParseDict  # type: ignore[import-untyped]
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.api import describe
-from server.api.codec import Limits, decode_request, encode_result
+from server.api.codec import Decoder, encode_result, to_message
 from server.api.status import abort
 from server.api.wire import RawResponseEncoder, stream_reply
 from server.clock import Clock
-from server.control import ControlPlane
-from server.errors import InvalidArgument, ServingError
-from server.models import ServedModel
-from server.pipeline import InferencePipeline
+from server.dataplane import DataPlane
+from server.errors import ServingError
+from server.types import InferResult, Trace, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -31,60 +28,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     def __init__(
         self,
-        pipeline: InferencePipeline,
+        plane: DataPlane,
         clock: Clock,
         *,
         max_tensor_elements: int,
         max_request_id_bytes: int = 256,
-        is_ready: Callable[[], bool],
-        control: ControlPlane | None = None,
-        tracing: Any = None,
+        tracing: Tracer | None = None,
     ) -> None:
-        # Where RepositoryModelLoad goes (every worker and replica follows it); None: this
-        # process's models alone.
-        self._control = control
-        # server/observability/tracing.Tracing when tracing is on; None costs one check.
-        self._tracing = tracing
-        self._pipeline = pipeline
+        self._plane = plane
         self._clock = clock
-        self._max_elements = max_tensor_elements
-        self._max_id_bytes = max_request_id_bytes
-        self._is_ready = is_ready
+        # None when tracing is off: one check per request.
+        self._tracing = tracing
+        self._decoder = Decoder(max_tensor_elements, max_request_id_bytes, "grpc")
         self._wire = RawResponseEncoder()
-        # When the last inference call arrived (the drain waits for a quiet moment).
-        self.last_call = clock.now()
 
     # ---- inference ------------------------------------------------------------------------
 
-    async def _infer(self, request: Any, remaining: float | None, trace: Any = None) -> Any:
-        if not request.model_name:
-            raise InvalidArgument("model_name is required")
-        served = self._pipeline.resolve(request.model_name, request.model_version)
-        limits = served.decode_state
-        if limits is None:
-            limits = served.decode_state = Limits(
-                served.max_batch_size, self._max_elements, self._max_id_bytes
-            )
+    async def _infer(
+        self, request: Any, remaining: float | None, trace: Trace | None = None
+    ) -> Any:
+        plane = self._plane
+        served = plane.resolve(request.model_name, request.model_version)
         deadline = None if remaining is None else self._clock.now() + remaining
-        entity_signature = served.entity_signature
-        signature = served.runtime.signature
-        if entity_signature is not None:
-            key = entity_signature.inputs[0].name
-            tensors = request.inputs
-            if len(tensors) == 1 and tensors[0].name == key:
-                signature = entity_signature  # ids only: the server reads the features
-            elif len(tensors) == 2 and (tensors[0].name == key or tensors[1].name == key):
-                signature = served.combined_signature or signature  # features win over ids
-        try:
-            # version None: the caller named no version, so routing (canary) may choose one.
-            decoded = decode_request(
-                request, signature, limits, request.model_version or None, deadline
-            )
-        except ServingError as exc:
-            served.observer.request_done(0.0, exc.kind.name)
-            raise
+        decoded = self._decoder.decode(served, request, request.model_version or None, deadline)
         decoded.trace = trace
-        result = await self._pipeline.infer(served, decoded)
+        result = await plane.infer(served, decoded)
         if trace is None:
             return self._encode(result)
         began = time.time_ns()
@@ -92,7 +60,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         trace.child("encode", began, time.time_ns())
         return encoded
 
-    def _encode(self, result: Any) -> Any:
+    def _encode(self, result: InferResult) -> Any:
         if result.raw_output:
             try:
                 return self._wire.encode(result)
@@ -101,7 +69,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return encode_result(result)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self.last_call = self._clock.now()
         if self._tracing is None:
             try:
                 return await self._infer(request, context.time_remaining())
@@ -144,7 +111,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> AsyncIterator[Any]:
         """Requests on one stream run concurrently (so they can share batches); each reply
         carries its request's id, and a failed request answers error_message, not the stream."""
-        self.last_call = self._clock.now()
         replies: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         done = object()
@@ -172,7 +138,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    self.last_call = self._clock.now()
                     task = asyncio.create_task(answer(request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
@@ -198,68 +163,56 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     # ---- health and metadata ---------------------------------------------------------------
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self._plane.live())
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._plane.ready())
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            self._pipeline.models.get(request.name, request.version)
+            ready = self._plane.model_ready(request.name, request.version)
         except ServingError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self._is_ready())
+            ready = False  # Triton answers ready=false for a model it does not serve
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return ParseDict(describe.server_metadata(), pb.ServerMetadataResponse())
-
-    async def _served(
-        self, name: str, version: str, context: grpc.aio.ServicerContext
-    ) -> ServedModel:
-        try:
-            if not name:
-                raise InvalidArgument("name is required")
-            return self._pipeline.models.get(name, version)
-        except ServingError as exc:
-            await abort(context, exc)
-            raise  # unreachable: abort raises
+        return to_message(self._plane.server_metadata(), pb.ServerMetadataResponse)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        served = await self._served(request.name, request.version, context)
-        versions = [
-            m.key.version for m in self._pipeline.models.all() if m.key.name == served.key.name
-        ]
-        return ParseDict(describe.model_metadata(served, versions), pb.ModelMetadataResponse())
+        try:
+            found = self._plane.model_metadata(request.name, request.version)
+        except ServingError as exc:
+            await abort(context, exc)
+        return to_message(found, pb.ModelMetadataResponse)
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        served = await self._served(request.name, request.version, context)
-        return ParseDict({"config": describe.model_config(served)}, pb.ModelConfigResponse())
+        try:
+            config = self._plane.model_config(request.name, request.version)
+        except ServingError as exc:
+            await abort(context, exc)
+        return to_message({"config": config}, pb.ModelConfigResponse)
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if request.name:
-            chosen = [await self._served(request.name, request.version, context)]
-        else:
-            chosen = self._pipeline.models.all()
-        return ParseDict(describe.model_statistics(chosen), pb.ModelStatisticsResponse())
+        try:
+            stats = self._plane.model_statistics(request.name, request.version)
+        except ServingError as exc:
+            await abort(context, exc)
+        return to_message(stats, pb.ModelStatisticsResponse)
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's load: re-resolve the model's ref in the registry and swap if it moved."""
         try:
-            if self._control is not None:
-                await self._control.reload(request.model_name)
-            else:
-                await self._pipeline.models.reload(request.model_name)
+            await self._plane.reload(request.model_name)
         except ServingError as exc:
             await abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(
-            grpc.StatusCode.FAILED_PRECONDITION, describe.unload_refused(request.model_name)
-        )
+        try:
+            self._plane.unload(request.model_name)
+        except ServingError as exc:
+            await abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return ParseDict(
-            {"models": describe.repository_index(self._pipeline.models.all())},
-            pb.RepositoryIndexResponse(),
-        )
+        return to_message({"models": self._plane.repository_index()}, pb.RepositoryIndexResponse)

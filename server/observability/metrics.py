@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -370,8 +370,9 @@ class MirrorCollector(Collector):
 
     _OUTCOMES = ("offered", "shed_full", "shed_load", "completed", "failed")
 
-    def __init__(self, slots: Any) -> None:
-        self._slots = slots
+    def __init__(self, mirrors: Callable[[], Iterable[Any]]) -> None:
+        # Called at scrape time: the mirrors (server/shadow/mirror.ShadowMirror) there are now.
+        self._mirrors = mirrors
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -379,13 +380,10 @@ class MirrorCollector(Collector):
             "Mirrored requests per model by outcome (offered, shed_full, shed_load, completed, failed)",
             labels=["model", "outcome"],
         )
-        for name, slot in list(self._slots.items()):
-            mirror = slot.mirror
-            if mirror is None:
-                continue
+        for mirror in self._mirrors():
             counts = mirror.counters.as_dict()
             for outcome in self._OUTCOMES:
-                family.add_metric([name, outcome], counts[outcome])
+                family.add_metric([mirror.name, outcome], counts[outcome])
         yield family
 
     def describe(self) -> Iterator[Metric]:

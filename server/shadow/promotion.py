@@ -83,9 +83,9 @@ class PromotionGate:
 
     async def check(self, name: str) -> dict[str, GateDecision]:
         """Judge every shadow of `name` once; act on the decisions when asked to."""
-        slot = self._models.slots[name]
-        settings = slot.settings
-        route = slot.route
+        (status,) = self._models.status(name)
+        settings = status.settings
+        route = status.route
         if settings.gate_action == "off" or route is None or not route.shadows:
             return {}
         config = GateConfig.from_dict(settings.gate)
@@ -126,11 +126,11 @@ class PromotionGate:
         return decisions
 
     async def _apply(self, name: str, version: str, decision: GateDecision) -> None:
-        slot = self._models.slots[name]
-        route = slot.route
+        (status,) = self._models.status(name)
+        route = status.route
         assert route is not None
         if decision.action == "promote":
-            alias = slot.current.alias or "production"
+            alias = status.alias or "production"
             registry = self._models.registry
             await asyncio.get_running_loop().run_in_executor(
                 None, registry.set_alias, name, alias, version
@@ -151,7 +151,7 @@ class PromotionGate:
         """Check every gated model every `interval_s`, until cancelled; errors are logged."""
         while True:
             await asyncio.sleep(interval_s)
-            for name in list(self._models.slots):
+            for name in self._models.names():
                 try:
                     await self.check(name)
                 except ServingError as exc:

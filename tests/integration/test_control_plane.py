@@ -56,7 +56,7 @@ async def test_replicas_converge_on_the_route_and_the_ref_set_on_one_of_them(
         )
     assert reply.version == "2"
     await _until(lambda: a.models.get("churn").key.version == "2")
-    assert a.models.slots["churn"].settings.ref == "churn@2"
+    assert a.models.status("churn")[0].ref == "churn@2"
     # The canary became the primary on both: no route left pointing at it.
     assert a.models.route("churn") == b.models.route("churn")
 

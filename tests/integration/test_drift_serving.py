@@ -119,7 +119,7 @@ async def test_tagged_load_stays_out_of_drift_and_shadow_statistics(
                 await stub.ModelInfer(request(70, drift=1), timeout=10)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "parameters.drift" in (bad.value.details() or "")
-        mirror = app.models.slots["churn"].mirror
+        mirror = app.models.mirror("churn")
         assert mirror is not None
         await mirror.join()
         assert {p.request_id for p in app.pair_log.pairs()} == {f"r{i}" for i in range(50, 70)}

@@ -39,7 +39,7 @@ async def _mirrored(
             request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
             request.raw_input_contents.append(np.ascontiguousarray(X[i : i + 1]).tobytes())
             await stub.ModelInfer(request, timeout=10)
-    mirror = app.models.slots["churn"].mirror
+    mirror = app.models.mirror("churn")
     assert mirror is not None
     await mirror.join()
     return app, registry

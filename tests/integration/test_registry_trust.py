@@ -109,9 +109,9 @@ async def test_external_data_serves_until_overwritten_then_reload_refuses_it(
         reply = await infer(_infer("churn_mlp", x), timeout=30)
         assert reply.model_version == "1"
         np.testing.assert_array_equal(_probabilities(reply), v1)
-        slot = app.models.slots["churn_mlp"]
-        assert (slot.current.key.version, slot.failed_reloads) == ("1", 1)
-        assert str(weights) in slot.last_error
+        (status,) = app.models.status("churn_mlp")
+        assert (status.version, status.failed_reloads) == ("1", 1)
+        assert str(weights) in status.last_error
 
 
 @pytest.mark.parametrize(

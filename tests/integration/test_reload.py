@@ -144,7 +144,7 @@ async def test_watcher_follows_an_alias_move_without_being_asked(
             break
         await asyncio.sleep(0.01)
     assert app.models.get("churn").key.version == "2"
-    assert app.models.slots["churn"].reloads == 1
+    assert app.models.status("churn")[0].reloads == 1
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -168,10 +168,10 @@ async def _assert_old_keeps_serving(
         await app.models.reload("churn")
     reply = await stub.ModelInfer(_request(), timeout=10)
     assert reply.model_version == "1"
-    slot = app.models.slots["churn"]
-    assert slot.failed_reloads == 1
-    assert slot.last_error
-    assert slot.current.key.version == "1"
+    (status,) = app.models.status("churn")
+    assert status.failed_reloads == 1
+    assert status.last_error
+    assert status.version == "1"
 
 
 async def test_corrupt_artifact_is_refused_and_the_old_version_keeps_serving(

@@ -88,7 +88,7 @@ async def test_shadow_never_changes_primary_answers_and_its_pairs_report_correct
         assert g.model_version == "1"
         assert g.id == e.id
         np.testing.assert_array_equal(_probabilities(g), _probabilities(e))
-    mirror = mirrored.models.slots["churn"].mirror
+    mirror = mirrored.models.mirror("churn")
     assert mirror is not None
     await mirror.join()
     pairs = mirrored.pair_log.pairs()
@@ -157,7 +157,7 @@ async def test_route_changes_by_admin_rpc_without_a_restart_or_a_lost_request(
 
 async def test_shadows_are_shed_not_queued_when_the_mirror_is_full(start_app: AppFactory) -> None:
     app = await start_app(models=("churn@production",), shadows=("2",), shadow_queue_size=1)
-    mirror = app.models.slots["churn"].mirror
+    mirror = app.models.mirror("churn")
     assert mirror is not None
     await mirror.stop()  # nothing drains the mirror: offers beyond its capacity must be shed
     x = np.zeros((1, 15), np.float32)
@@ -186,7 +186,7 @@ async def test_shadows_are_shed_while_the_event_loop_has_no_spare_cpu(
             reply = await stub.ModelInfer(_request(x, f"r{i}"), timeout=10)
             assert reply.model_version == "1"
             load.busy = 1.0
-    mirror = app.models.slots["churn"].mirror
+    mirror = app.models.mirror("churn")
     assert mirror is not None
     assert mirror.counters.shed_load == 20
     assert mirror.counters.completed == 0

@@ -47,7 +47,7 @@ async def test_pairs_in_memory_are_bounded_in_bytes_newest_kept_and_evictions_co
             request.inputs.add(name="input", datatype="FP32", shape=[rows, 15])
             request.raw_input_contents.append(x.tobytes())
             await stub.ModelInfer(request, timeout=30)
-    mirror = app.models.slots["churn"].mirror
+    mirror = app.models.mirror("churn")
     assert mirror is not None
     await mirror.join()
 

@@ -1,8 +1,9 @@
 """The Open Inference Protocol's HTTP/REST binding as a raw ASGI app (no web framework).
 
-Every inference goes the way of the gRPC servicer: `pipeline.resolve` -> the codec's
-`decode_request` (the same validation, fed by `tensors.parse_request`) -> `pipeline.infer`, so
-REST and gRPC requests share batches, routes, features, breakers, mirroring and drift. Routes:
+Every call goes through the data plane the gRPC servicers use (server/dataplane): an inference
+is `plane.resolve` -> the codec's Decoder (the same validation, fed by `tensors.Parser`) ->
+`plane.infer`, so REST and gRPC requests share batches, routes, features, breakers, mirroring
+and drift. Routes:
 
     GET  /v2/health/live | /v2/health/ready | /v2
     GET  /v2/models/{m}[/versions/{v}]            metadata
@@ -24,22 +25,14 @@ from typing import Any
 
 import orjson
 
-from server.api import describe
 from server.api.admin import AdminGuard
-from server.api.codec import Limits, decode_request
+from server.api.codec import Decoder
 from server.api.http.tensors import JSON, OCTET_STREAM, Parser, encode_response
 from server.api.status import details
 from server.clock import Clock
-from server.control import ControlPlane
-from server.errors import (
-    ErrorKind,
-    FailedPrecondition,
-    InvalidArgument,
-    ServingError,
-    TooLarge,
-)
-from server.models import ServedModel
-from server.pipeline import InferencePipeline
+from server.dataplane import DataPlane
+from server.errors import ErrorKind, InvalidArgument, ServingError, TooLarge
+from server.types import Trace, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -103,29 +96,22 @@ class RestApp:
 
     def __init__(
         self,
-        pipeline: InferencePipeline,
+        plane: DataPlane,
         clock: Clock,
         *,
         max_tensor_elements: int,
         max_request_id_bytes: int,
         max_body_bytes: int,
-        is_ready: Callable[[], bool],
         guard: AdminGuard,
-        control: ControlPlane | None = None,
-        tracing: Any = None,
+        tracing: Tracer | None = None,
     ) -> None:
-        self._pipeline = pipeline
+        self._plane = plane
         self._clock = clock
-        self._max_elements = max_tensor_elements
-        self._max_id_bytes = max_request_id_bytes
         self._max_body = max_body_bytes
-        self._is_ready = is_ready
         self._guard = guard
-        self._control = control
         self._tracing = tracing
         self._parser = Parser()
-        # When the last inference request arrived (the drain waits for a quiet moment).
-        self.last_call = clock.now()
+        self._decoder = Decoder(max_tensor_elements, max_request_id_bytes, "http")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,7 +136,7 @@ class RestApp:
         if _CT_OCTET not in extra:
             headers.append(_CT_JSON)
         headers += extra
-        if not self._is_ready():
+        if not self._plane.ready():
             headers.append(_CLOSE)  # draining: let keep-alive clients reconnect elsewhere
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -182,18 +168,18 @@ class RestApp:
             if action == "ready":
                 return self._model_ready(name, version)
             if action == "config":
-                return 200, orjson.dumps(describe.model_config(self._served(name, version))), []
+                return 200, orjson.dumps(self._plane.model_config(name, version or None)), []
             if action == "stats":
                 return 200, self._stats(name, version), []
             raise HttpError(404, f"no route for {scope['path']}")
         if n == 2:
             self._method(method, "GET")
-            return 200, orjson.dumps(describe.server_metadata()), []
+            return 200, orjson.dumps(self._plane.server_metadata()), []
         if n == 4 and parts[2] == "health" and parts[3] in ("live", "ready"):
             self._method(method, "GET")
             if parts[3] == "live":
                 return 200, b'{"live":true}', []
-            if self._is_ready():
+            if self._plane.ready():
                 return 200, b'{"ready":true}', []
             return 503, b'{"ready":false}', []
         if n >= 4 and parts[2] == "repository":
@@ -225,24 +211,15 @@ class RestApp:
 
     # ---- metadata --------------------------------------------------------------------------
 
-    def _served(self, name: str, version: str) -> ServedModel:
-        return self._pipeline.models.get(name, version or None)
-
     def _metadata(self, name: str, version: str) -> bytes:
-        served = self._served(name, version)
-        versions = [
-            m.key.version for m in self._pipeline.models.all() if m.key.name == served.key.name
-        ]
-        return orjson.dumps(describe.model_metadata(served, versions))
+        return orjson.dumps(self._plane.model_metadata(name, version or None))
 
     def _model_ready(self, name: str, version: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        self._served(name, version)  # unknown: 404
-        ready = self._is_ready()
+        ready = self._plane.model_ready(name, version or None)  # unknown: 404
         return (200 if ready else 503), orjson.dumps({"name": name, "ready": ready}), []
 
     def _stats(self, name: str | None, version: str) -> bytes:
-        chosen = [self._served(name, version)] if name else self._pipeline.models.all()
-        return orjson.dumps(describe.model_statistics(chosen))
+        return orjson.dumps(self._plane.model_statistics(name or "", version or None))
 
     # ---- admin -----------------------------------------------------------------------------
 
@@ -253,18 +230,16 @@ class RestApp:
         if n == 4 and parts[3] == "index":
             self._method(scope["method"], "POST")
             await self._body(scope, receive)  # {"ready": ...} filters nothing: all are READY
-            return 200, orjson.dumps(describe.repository_index(self._pipeline.models.all())), []
+            return 200, orjson.dumps(self._plane.repository_index()), []
         if n == 6 and parts[3] == "models" and parts[5] in ("load", "unload"):
             self._method(scope["method"], "POST")
             self._admin(scope)
             await self._body(scope, receive)
             name = parts[4]
             if parts[5] == "unload":
-                raise FailedPrecondition(describe.unload_refused(name))
-            if self._control is not None:
-                await self._control.reload(name)
+                self._plane.unload(name)
             else:
-                await self._pipeline.models.reload(name)
+                await self._plane.reload(name)
             return 200, _EMPTY, []
         raise HttpError(404, f"no route for {scope['path']}")
 
@@ -346,18 +321,9 @@ class RestApp:
                 body = _decompress(body, encoding, limit)
         return body, header_length
 
-    def _limits_for(self, served: ServedModel) -> Limits:
-        limits: Limits | None = served.decode_state  # shared with the gRPC servicer
-        if limits is None:
-            limits = served.decode_state = Limits(
-                served.max_batch_size, self._max_elements, self._max_id_bytes
-            )
-        return limits
-
     async def _infer(
         self, scope: Scope, receive: Receive, name: str, version: str
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        self.last_call = self._clock.now()
         body, header_length = await self._body(scope, receive)
         trace = None
         if self._tracing is not None:
@@ -385,11 +351,17 @@ class RestApp:
         return status, reply, extra
 
     async def _run(
-        self, body: bytes, header_length: int | None, name: str, version: str, trace: Any
+        self,
+        body: bytes,
+        header_length: int | None,
+        name: str,
+        version: str,
+        trace: Trace | None,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         # The gRPC servicer's steps (server/api/servicer.InferenceServicer._infer), with the
         # REST request parsed into the shape its codec reads.
-        served = self._pipeline.resolve(name, version or None)
+        plane = self._plane
+        served = plane.resolve(name, version)
         try:
             if len(body) > OFFLOAD_BYTES:
                 request = await asyncio.to_thread(
@@ -397,25 +369,13 @@ class RestApp:
                 )
             else:
                 request = self._parser.parse(body, header_length, name, version)
-            signature = served.runtime.signature
-            entity_signature = served.entity_signature
-            if entity_signature is not None:
-                key = entity_signature.inputs[0].name
-                tensors = request.inputs
-                if len(tensors) == 1 and tensors[0].name == key:
-                    signature = entity_signature  # ids only: the server reads the features
-                elif len(tensors) == 2 and key in (tensors[0].name, tensors[1].name):
-                    signature = served.combined_signature or signature  # features win over ids
-            # version None: the caller named no version, so routing (canary) may choose one.
-            decoded = decode_request(
-                request, signature, self._limits_for(served), version or None, None
-            )
         except ServingError as exc:
-            served.observer.request_done(0.0, exc.kind.name, "http")
+            self._decoder.refused(served, exc)
             raise
-        decoded.protocol = "http"
+        # version None: the caller named no version, so routing (canary) may choose one.
+        decoded = self._decoder.decode(served, request, version or None, None)
         decoded.trace = trace
-        result = await self._pipeline.infer(served, decoded)
+        result = await plane.infer(served, decoded)
         if trace is None:
             parts, header = encode_response(result, request)
         else:

@@ -329,7 +329,7 @@ class Tracing(ParentParser):
         start_ns: int,
         end_ns: int,
         ok: bool,
-        requests: Sequence[RequestTrace | None],
+        requests: Sequence[object],
     ) -> None:
         """One span for an executed batch, linked to each sampled request it served.
 
@@ -338,7 +338,7 @@ class Tracing(ParentParser):
         """
         if not self.enabled:
             return
-        linked = [r for r in requests if r is not None]
+        linked = [r for r in requests if isinstance(r, RequestTrace)]
         if linked:
             self._submit(_BatchRecord(model, version, rows, start_ns, end_ns, ok, linked))
 
