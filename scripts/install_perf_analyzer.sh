@@ -2,7 +2,7 @@
 # Install Triton's perf_analyzer (the C++ load generator) into DEST without GitHub or NGC:
 #   scripts/install_perf_analyzer.sh [DEST]        (default: .tools/perf_analyzer)
 #
-# Sources (see ../shared/ECOSYSTEM.md, "perf_analyzer"):
+# Sources:
 #   - the binary:        bin/perf_analyzer inside the tritonclient==2.41.0 wheel (PyPI)
 #   - libcudart.so.12:   the nvidia-cuda-runtime-cu12 wheel (PyPI); needed even for CPU-only gRPC
 #   - libb64.so.0d:      the Debian package libb64-0d (apt-get download + dpkg -x, no install)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _ORT_TO_V2 = ORT_TO_V2
 
 # A batch-1 call cheaper than this runs inline on the event loop: handing it to a thread and back
-# costs tens of microseconds of Python and wake-ups, more than the model itself (ECOSYSTEM.md).
+# costs tens of microseconds of Python and wake-ups, more than the model itself (README, "Dynamic batching").
 INLINE_THRESHOLD_S = 250e-6
 
 
