@@ -32,7 +32,6 @@ DEMO_SOURCE = "batchline build-demo"
 N_FEATURES = 15
 FEATURES: tuple[str, ...] = tuple(f"f{i}" for i in range(N_FEATURES))
 INPUT_NAME = "input"
-OUTPUT_NAMES = ("label", "probabilities")
 REFERENCE_FILE = "reference.npz"
 HOLDOUT_FILE = "holdout.npz"
 # Online features: the view serving reads through (server/features/view.py defines the format)

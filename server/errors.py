@@ -52,10 +52,6 @@ class Unavailable(ServingError):
     kind = ErrorKind.UNAVAILABLE
 
 
-class Cancelled(ServingError):
-    kind = ErrorKind.CANCELLED
-
-
 class FailedPrecondition(ServingError):
     kind = ErrorKind.FAILED_PRECONDITION
 

@@ -179,7 +179,3 @@ def _trim_heap() -> None:
 
 
 _MALLOC_TRIM: Any = None
-
-
-def onnxruntime_version() -> str:
-    return str(ort.__version__)

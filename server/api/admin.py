@@ -55,10 +55,6 @@ class AdminGuard:
                 host or "every address",
             )
 
-    @property
-    def refuses_all(self) -> bool:
-        return not self._token and not self._open
-
     def allowed(self, metadata: Any) -> bool:
         if self._open:
             return True

@@ -463,7 +463,6 @@ class FeatureMetrics:
     """Feature-store round trips (the lookup's observer) and per-model feature outcomes."""
 
     def __init__(self, registry: CollectorRegistry, store: str) -> None:
-        self._store = store
         self.round_trips = LoopCounter(
             "batchline_feature_round_trips",
             "Feature store round trips by outcome",
