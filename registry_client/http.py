@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from registry_client.backoff import exponential_backoff
 from registry_client.errors import RegistryError, RegistryUnavailable
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -31,9 +32,7 @@ _T = TypeVar("_T")
 
 def backoff_delay(failures: int, *, base_s: float = 0.1, cap_s: float = 2.0) -> float:
     """Seconds to wait after the `failures`-th transient failure in a row: 0.1, 0.2, 0.4, ... 2.0."""
-    if failures < 1:
-        return 0.0
-    return float(min(cap_s, base_s * 2 ** (failures - 1)))
+    return exponential_backoff(failures, base_s, cap_s)
 
 
 class HttpStatusError(RegistryError):

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from registry_client.backoff import exponential_backoff
 from server._proto import drift_pb2 as pb
 from server._proto import drift_pb2_grpc as pb_grpc
 from server.clock import Clock, MonotonicClock
@@ -117,14 +118,6 @@ def record_bytes(
 
 class _StreamEnded(Exception):
     pass
-
-
-def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
-    """Seconds to wait after the `failures`-th consecutive failed connection (1-based):
-    initial, 2x, 4x, ... capped at `max_s` (the caller adds jitter)."""
-    if failures <= 0:
-        return 0.0
-    return float(min(max_s, initial_s * 2.0 ** min(failures - 1, 62)))
 
 
 def to_record(item: _Item | _Queued) -> pb.PredictionRecord:
@@ -429,7 +422,7 @@ class DriftProducer:
             if self._closing and not self._queue:
                 return
             self._warn_if_away()
-            delay = backoff_delay(failures, self._backoff_initial_s, self._backoff_max_s)
+            delay = exponential_backoff(failures, self._backoff_initial_s, self._backoff_max_s)
             delay *= 0.5 + 0.5 * self._random()
             if not self._closing:
                 # Wake for the next "unreachable" warning too, not only for the next attempt

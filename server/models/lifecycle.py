@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from registry_client import Registry
+from registry_client.backoff import exponential_backoff
 from registry_client.errors import RegistryError
 from registry_client.refs import parse_ref
 from server.clock import Clock
@@ -56,10 +57,11 @@ def _configured_route(settings: ModelSettings, primary: str) -> Route:
 
 
 def reload_backoff(failures: int, interval_s: float, cap_s: float = 60.0) -> float:
-    """Seconds until the next registry check after `failures` failed checks in a row."""
+    """Seconds until the next registry check after `failures` failed checks in a row:
+    the interval, then 2x, 4x, ... the interval (the first failure already doubles it)."""
     if failures <= 0:
         return interval_s
-    return float(min(cap_s, interval_s * (2 ** min(failures, 16))))
+    return exponential_backoff(failures + 1, interval_s, cap_s)
 
 
 def _compatible(old: ModelSignature, new: ModelSignature) -> str | None:

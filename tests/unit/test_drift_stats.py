@@ -20,7 +20,7 @@ from server.clock import FakeClock
 from server.drift import AlertRule, DriftSettings, check_settings
 from server.drift.alerts import Alert, AlertActions
 from server.drift.monitor import DriftMonitor
-from server.drift.producer import DriftProducer, backoff_delay, to_record
+from server.drift.producer import DriftProducer, to_record
 from server.drift.profile import (
     ReferenceProfile,
     bin_counts,
@@ -276,13 +276,6 @@ def test_settings_errors_name_the_key() -> None:
         check_settings(DriftSettings(sample_ratio=1.5))
     with pytest.raises(ConfigError, match=r"drift\.alerts"):
         check_settings(DriftSettings(alerts=("psi >> 1",)))
-
-
-def test_backoff_doubles_and_is_capped() -> None:
-    assert [backoff_delay(n, 0.1, 1.0) for n in range(6)] == pytest.approx(
-        [0.0, 0.1, 0.2, 0.4, 0.8, 1.0]
-    )
-    assert backoff_delay(10_000, 0.1, 1.0) == 1.0
 
 
 def test_producer_record_takes_the_positive_class_column() -> None:
