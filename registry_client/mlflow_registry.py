@@ -1,7 +1,7 @@
 """MlflowRegistry: the Registry protocol over an MLflow tracking server's REST API.
 
-Only the standard library is used (see ``registry_client.http``); the ``mlflow`` package is
-needed by the tests (to run a server), never by the inference server.
+The REST calls go through ``registry_client.http`` (httpx); the ``mlflow`` package is needed by
+the tests (to run a server), never by the inference server.
 
 How batchline's registry maps onto MLflow:
 
@@ -65,7 +65,7 @@ from registry_client.http import (
     DEFAULT_TIMEOUT_S,
     HttpStatusError,
     JsonHttpClient,
-    backoff_delay,
+    default_backoff,
 )
 from registry_client.manifest import (
     DigestCache,
@@ -133,7 +133,7 @@ class MlflowRegistry:
         cache_dir: Path | str,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
-        backoff: Callable[[int], float] = backoff_delay,
+        backoff: Callable[[int], float] = default_backoff,
         sleep: Callable[[float], None] = time.sleep,
         token: str | None = None,
     ) -> None:

@@ -37,12 +37,13 @@ from registry_client import (
     ModelVersion,
     NothingToRollBack,
     Registry,
+    RegistryError,
     RegistryUnavailable,
     VersionNotFound,
     rollback,
 )
 from registry_client.cli import main as registry_cli
-from registry_client.http import HttpStatusError, JsonHttpClient, backoff_delay
+from registry_client.http import HttpStatusError, JsonHttpClient
 from registry_client.mlflow_registry import ALIAS_HISTORY_TAG, API, FILES_TAG, MANIFEST_TAG
 
 STARTUP_TIMEOUT_S = 90.0
@@ -352,7 +353,7 @@ def test_mlflow_killed_is_unavailable_then_the_same_client_recovers_on_restart(
         with pytest.raises(RegistryUnavailable, match=mlflow_server.url) as exc:
             registry.resolve(f"{name}@production")
         assert "connection refused" in str(exc.value)
-        assert sleeps == [backoff_delay(1), backoff_delay(2)]
+        assert sleeps == [0.1, 0.2]  # the default schedule: 0.1 s, doubling
         # A verified artifact in the cache needs no server.
         assert registry.fetch(mv) == cached
     finally:
@@ -399,11 +400,6 @@ def test_cli_round_trip_against_mlflow(
 # -- the HTTP client's failure handling, against small real servers ------------------------------
 
 
-def test_backoff_is_exponential_and_capped() -> None:
-    assert [backoff_delay(n) for n in range(7)] == [0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
-    assert backoff_delay(50, base_s=1.0, cap_s=30.0) == 30.0
-
-
 def test_refused_connection_is_retried_then_unavailable_naming_the_url() -> None:
     port = _free_port()  # nothing listens there now
     sleeps: list[float] = []
@@ -415,26 +411,35 @@ def test_refused_connection_is_retried_then_unavailable_naming_the_url() -> None
 
 
 class _Scripted(BaseHTTPRequestHandler):
-    """Answers each request with the next (status, body, delay) of the server's script."""
+    """Answers each request with the next (status, body, delay[, declared length]) of the
+    server's script; a declared length past the body's is a body cut short (then the
+    connection closes). Request bodies are kept in `received`."""
 
     def do_GET(self) -> None:
         self._answer()
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def do_PUT(self) -> None:
         self._answer()
 
     def _answer(self) -> None:
         server: ScriptedServer = self.server  # type: ignore[assignment]
-        status, body, delay = server.script.pop(0) if server.script else (200, b"{}", 0.0)
+        server.received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        status, body, delay, *declared = (
+            server.script.pop(0) if server.script else (200, b"{}", 0.0)
+        )
         server.hits += 1
         time.sleep(delay)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(declared[0] if declared else len(body)))
             self.end_headers()
             self.wfile.write(body)
+            if declared:
+                self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client timed out and left, as the timeout test intends
 
@@ -444,7 +449,8 @@ class _Scripted(BaseHTTPRequestHandler):
 
 class ScriptedServer(ThreadingHTTPServer):
     daemon_threads = True
-    script: list[tuple[int, bytes, float]]
+    script: list[tuple[int, bytes, float] | tuple[int, bytes, float, int]]
+    received: list[bytes]
     hits: int = 0
 
 
@@ -452,6 +458,7 @@ class ScriptedServer(ThreadingHTTPServer):
 def scripted() -> Iterator[ScriptedServer]:
     server = ScriptedServer(("127.0.0.1", 0), _Scripted)
     server.script = []
+    server.received = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -486,6 +493,67 @@ def test_a_4xx_is_raised_at_once_with_the_servers_error_code(scripted: ScriptedS
     assert "/thing?name=a+b" in str(exc.value)
     assert "no such thing" in str(exc.value)
     assert scripted.hits == 1
+
+
+def test_429_is_retried_for_a_get(scripted: ScriptedServer) -> None:
+    scripted.script = [(429, b'{"error_code": "REQUEST_LIMIT_EXCEEDED"}', 0.0)]
+    sleeps: list[float] = []
+    client = JsonHttpClient(f"http://127.0.0.1:{scripted.server_port}", sleep=sleeps.append)
+    assert client.get("/ok") == {}
+    assert (scripted.hits, sleeps) == (2, [0.1])
+
+
+def test_a_5xx_to_a_non_idempotent_post_is_not_retried(scripted: ScriptedServer) -> None:
+    scripted.script = [(503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', 0.0)]
+    url = f"http://127.0.0.1:{scripted.server_port}"
+    client = JsonHttpClient(url, sleep=lambda _s: None)
+    with pytest.raises(RegistryUnavailable, match=r"after 1 attempt: HTTP 503 TEMPORARILY"):
+        client.post("/runs/create", {"name": "x"})
+    assert scripted.hits == 1
+
+
+def test_5xx_spent_retries_are_unavailable_naming_status_and_attempts(
+    scripted: ScriptedServer,
+) -> None:
+    scripted.script = [(502, b"bad gateway", 0.0)] * 3
+    url = f"http://127.0.0.1:{scripted.server_port}"
+    client = JsonHttpClient(url, retries=2, sleep=lambda _s: None)
+    with pytest.raises(
+        RegistryUnavailable, match=rf"{url}.*GET /x failed after 3 attempts: HTTP 502"
+    ):
+        client.get("/x")
+    assert scripted.hits == 3
+
+
+def test_a_download_cut_short_is_fetched_again_from_the_start(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    whole = bytes(range(256)) * 4096  # 1 MiB
+    scripted.script = [(200, whole[:1000], 0.0, len(whole)), (200, whole, 0.0)]
+    client = JsonHttpClient(f"http://127.0.0.1:{scripted.server_port}", sleep=lambda _s: None)
+    with (tmp_path / "out").open("w+b") as sink:
+        client.download("/artifact", sink)
+    assert (tmp_path / "out").read_bytes() == whole
+    assert scripted.hits == 2
+
+
+def test_an_upload_answered_503_is_sent_again_whole(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"onnx" * 100_000)
+    scripted.script = [(503, b"{}", 0.0)]
+    client = JsonHttpClient(f"http://127.0.0.1:{scripted.server_port}", sleep=lambda _s: None)
+    client.put_file("/artifacts/model.onnx", source)
+    assert scripted.received == [source.read_bytes()] * 2
+
+
+def test_a_non_json_answer_names_the_server(scripted: ScriptedServer) -> None:
+    scripted.script = [(200, b"<html>not mlflow</html>", 0.0)]
+    url = f"http://127.0.0.1:{scripted.server_port}"
+    client = JsonHttpClient(url, sleep=lambda _s: None)
+    with pytest.raises(RegistryError, match=rf"something other than a JSON object.*is {url} the"):
+        client.get("/api")
 
 
 async def test_server_serves_from_mlflow_and_follows_an_alias_move_under_load(
