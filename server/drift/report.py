@@ -8,7 +8,6 @@ proto field names wherever the report is read: `/report.json`, `--format json`.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from server._proto import drift_pb2 as pb
+from server.html_report import Cell, escape, line, number, page, rect, svg, table, text
 
 _LEVEL_COLOURS = {
     "stable": "#2e7d32",
@@ -54,7 +54,7 @@ def _plain(value: Any) -> Any:
 
 
 def _num(value: float, digits: int = 3) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+    return number(value, digits)
 
 
 def _when(unix_s: float) -> str:
@@ -117,11 +117,7 @@ def histogram_svg(v: pb.VariableDrift, width: int = 300, height: int = 110) -> s
     plot_h = height - 22
     slot = (width - 10) / bins
     colour = _LEVEL_COLOURS.get(v.level, "#1565c0")
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="{html.escape(v.name)} histogram">',
-        f'<line x1="5" y1="{plot_h}" x2="{width - 5}" y2="{plot_h}" stroke="#999"/>',
-    ]
+    parts = [line(5, plot_h, width - 5, plot_h)]
     edges = list(v.edges)
     for i in range(bins):
         low = "-inf" if i == 0 else f"{edges[i - 1]:.3g}"
@@ -129,27 +125,23 @@ def histogram_svg(v: pb.VariableDrift, width: int = 300, height: int = 110) -> s
         x = 5 + i * slot
         for j, (share, fill) in enumerate(((ref[i], "#b0b0b0"), (cur[i], colour))):
             h = plot_h * share / top
-            parts.append(
-                f'<rect x="{x + slot * (0.1 + 0.4 * j):.1f}" y="{plot_h - h:.1f}" '
-                f'width="{slot * 0.4:.1f}" height="{h:.1f}" fill="{fill}">'
-                f"<title>({low}, {high}] {'current' if j else 'reference'} {share:.3f}</title>"
-                "</rect>"
-            )
-    parts.append(
-        f'<text x="5" y="{height - 6}" font-size="11" fill="#333">'
-        f"{html.escape(v.name)} psi {_num(v.psi, 3)} ({v.level})</text></svg>"
-    )
-    return "".join(parts)
+            title = f"({low}, {high}] {'current' if j else 'reference'} {share:.3f}"
+            parts.append(rect(x + slot * (0.1 + 0.4 * j), plot_h - h, slot * 0.4, h, fill, title))
+    parts.append(text(5, height - 6, f"{v.name} psi {number(v.psi, 3)} ({v.level})"))
+    return svg(width, height, f"{v.name} histogram", parts)
+
+
+_CSS = (
+    "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:8px}"
+    ".alert{color:#c62828;font-weight:bold}"
+)
+_COLUMNS = ("variable", "PSI", "level", "KS", "KS p", "JS", "missing", "out of range", "n")
 
 
 def render_html(report: pb.DriftReport) -> str:
     """The /report page: a section per window, metrics table and a histogram per variable."""
     body = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>batchline drift report</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:8px}"
-        ".alert{color:#c62828;font-weight:bold}</style></head><body>",
         "<h1>batchline drift report</h1>",
         f"<p>{_when(report.generated_unix_s)} &middot; {report.records_total} records &middot; "
         f"{report.rejected_total} rejected &middot; {report.alerts_fired_total} alerts fired. "
@@ -159,7 +151,7 @@ def render_html(report: pb.DriftReport) -> str:
     if not report.windows:
         body.append("<p>No predictions received yet.</p>")
     for w in report.windows:
-        body.append(f"<h2>{html.escape(_window_title(w))}</h2>")
+        body.append(f"<h2>{escape(_window_title(w))}</h2>")
         body.append(
             f"<p>records {w.records_total}, rows {w.rows_total}, window {w.window_rows} rows, "
             f"evaluated {_when(w.evaluated_unix_s)}"
@@ -171,7 +163,7 @@ def render_html(report: pb.DriftReport) -> str:
             + "</p>"
         )
         if w.active_alerts:
-            alerts = ", ".join(html.escape(a) for a in w.active_alerts)
+            alerts = ", ".join(escape(a) for a in w.active_alerts)
             body.append(f"<p class='alert'>Active alerts: {alerts}</p>")
         if not w.has_profile:
             body.append("<p>No reference profile for this version.</p>")
@@ -180,24 +172,23 @@ def render_html(report: pb.DriftReport) -> str:
         if not variables:
             body.append("<p>Not evaluated yet (fewer rows than min_rows).</p>")
             continue
-        body.append(
-            "<table><tr><th>variable</th><th>PSI</th><th>level</th><th>KS</th><th>KS p</th>"
-            "<th>JS</th><th>missing</th><th>out of range</th><th>n</th></tr>"
-        )
-        for v in variables:
-            colour = _LEVEL_COLOURS.get(v.level, "#000")
-            body.append(
-                f"<tr><td>{html.escape(v.name)}</td><td>{_num(v.psi, 4)}</td>"
-                f"<td style='color:{colour}'>{html.escape(v.level)}</td>"
-                f"<td>{_num(v.ks_statistic)}</td><td>{_num(v.ks_pvalue, 4)}</td>"
-                f"<td>{_num(v.js_distance)}</td><td>{_num(v.missing_rate)}</td>"
-                f"<td>{_num(v.out_of_range_rate)}</td><td>{v.count}</td></tr>"
-            )
-        body.append("</table><div class='grid'>")
-        body.extend(histogram_svg(v) for v in variables)
-        body.append("</div>")
-    body.append("</body></html>")
-    return "\n".join(body)
+        rows = [
+            [
+                v.name,
+                _num(v.psi, 4),
+                Cell(v.level, f"color:{_LEVEL_COLOURS.get(v.level, '#000')}"),
+                _num(v.ks_statistic),
+                _num(v.ks_pvalue, 4),
+                _num(v.js_distance),
+                _num(v.missing_rate),
+                _num(v.out_of_range_rate),
+                str(v.count),
+            ]
+            for v in variables
+        ]
+        body.append(table(_COLUMNS, rows))
+        body.append("<div class='grid'>" + "".join(histogram_svg(v) for v in variables) + "</div>")
+    return page("batchline drift report", body, _CSS)
 
 
 # -- the client ------------------------------------------------------------------------------

@@ -4,19 +4,21 @@ with an inline SVG histogram of score differences per shadow.
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
+from server.html_report import escape, line, number, page, rect, svg, table, text
 from server.shadow.compare import ShadowReport
 from server.shadow.pairs import ShadowPair
 
+_CSS = "body{margin:2em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+
 
 def _fmt(value: float, scale: float = 1.0, digits: int = 4) -> str:
-    return "-" if math.isnan(value) else f"{value * scale:.{digits}f}"
+    return number(value, digits, scale)
 
 
 def render_text(reports: Sequence[ShadowReport], window_s: float | None) -> str:
@@ -50,32 +52,26 @@ def _svg_histogram(diffs: npt.NDArray[np.float64], width: int = 480, height: int
     counts, edges = np.histogram(diffs, bins=41, range=(-bound, bound))
     top = int(counts.max()) or 1
     bar = width / counts.size
-    rects = []
+    plot_h = height - 20
+    parts = []
     for i, c in enumerate(counts):
-        h = (height - 20) * c / top
-        rects.append(
-            f'<rect x="{i * bar:.1f}" y="{height - 20 - h:.1f}" width="{bar - 1:.1f}" '
-            f'height="{h:.1f}" fill="#4a7ab5"><title>{edges[i]:.4g}..{edges[i + 1]:.4g}: '
-            f"{int(c)}</title></rect>"
-        )
+        h = plot_h * c / top
+        title = f"{edges[i]:.4g}..{edges[i + 1]:.4g}: {int(c)}"
+        parts.append(rect(i * bar, plot_h - h, bar - 1, h, "#4a7ab5", title))
     mid = width / 2
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="histogram of shadow minus primary scores">'
-        + "".join(rects)
-        + f'<line x1="{mid}" y1="0" x2="{mid}" y2="{height - 20}" stroke="#999"/>'
-        + f'<text x="0" y="{height - 5}" font-size="11">{-bound:.3g}</text>'
-        + f'<text x="{mid - 4}" y="{height - 5}" font-size="11">0</text>'
-        + f'<text x="{width - 40}" y="{height - 5}" font-size="11">{bound:.3g}</text>'
-        + "</svg>"
-    )
+    parts += [
+        line(mid, 0, mid, plot_h),
+        text(0, height - 5, f"{-bound:.3g}"),
+        text(mid - 4, height - 5, "0"),
+        text(width - 40, height - 5, f"{bound:.3g}"),
+    ]
+    return svg(width, height, "histogram of shadow minus primary scores", parts)
 
 
 def render_html(
     reports: Sequence[ShadowReport], pairs: Sequence[ShadowPair], window_s: float | None
 ) -> str:
     """A self-contained page: the report table and, per shadow, a histogram of differences."""
-    e = html.escape
     columns: list[tuple[str, Callable[[ShadowReport], str]]] = [
         ("model", lambda r: r.model),
         ("shadow", lambda r: r.shadow_version),
@@ -100,11 +96,11 @@ def render_html(
         ("shed", lambda r: str(r.shed)),
         ("failures", lambda r: str(r.failures)),
     ]
-    head = "".join(f"<th>{e(name)}</th>" for name, _ in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{e(get(r))}</td>" for _, get in columns) + "</tr>" for r in reports
-    )
-    charts = []
+    span = "the whole log" if window_s is None else f"the last {window_s:g} s"
+    body = [
+        f"<h1>Shadow comparison over {escape(span)}</h1>",
+        table([name for name, _ in columns], ([get(r) for _, get in columns] for r in reports)),
+    ]
     for r in reports:
         diffs = np.fromiter(
             (
@@ -116,17 +112,8 @@ def render_html(
             ),
             dtype=np.float64,
         )
-        charts.append(
-            f"<h2>{e(r.model)} {e(r.shadow_version)}: shadow &minus; primary score</h2>"
+        body.append(
+            f"<h2>{escape(r.model)} {escape(r.shadow_version)}: shadow &minus; primary score</h2>"
             + _svg_histogram(diffs)
         )
-    span = "the whole log" if window_s is None else f"the last {window_s:g} s"
-    return (
-        '<!doctype html><html><head><meta charset="utf-8"><title>batchline shadow report'
-        "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
-        f"<h1>Shadow comparison over {e(span)}</h1>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        + "".join(charts)
-        + "</body></html>\n"
-    )
+    return page("batchline shadow report", body, _CSS)
