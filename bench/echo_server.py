@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import uvloop
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
+from server.readiness import write_ready_file
 
 MODEL_NAME = "echo"
 MODEL_VERSION = "1"
@@ -149,18 +148,6 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=self._reply(request.id))
 
 
-def write_ready_file(path: Path, port: int) -> None:
-    """Write the ready file atomically: readers see either nothing or the whole JSON."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"grpc_port": port, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 async def serve(host: str, port: int, ready_file: Path | None, grace_s: float) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
@@ -174,7 +161,7 @@ async def serve(host: str, port: int, ready_file: Path | None, grace_s: float) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if ready_file is not None:
-        write_ready_file(ready_file, bound)
+        write_ready_file(ready_file, {"grpc_port": bound, "pid": os.getpid()})
     await stop.wait()
     await server.stop(grace_s)
 

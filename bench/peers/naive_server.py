@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ import numpy as np
 import onnxruntime as ort
 import uvloop
 
-from bench.echo_server import SERVER_OPTIONS, write_ready_file
+from bench.echo_server import SERVER_OPTIONS
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
+from server.readiness import write_ready_file
 
 MAX_BATCH_SIZE = 64
 _V2_TYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(double)": "FP64"}
@@ -184,7 +186,7 @@ async def serve(models: dict[str, Model], host: str, port: int, ready_file: Path
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if ready_file is not None:
-        write_ready_file(ready_file, bound)
+        write_ready_file(ready_file, {"grpc_port": bound, "pid": os.getpid()})
     await stop.wait()
     await server.stop(5.0)
 
