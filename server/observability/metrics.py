@@ -463,6 +463,7 @@ class FeatureMetrics:
     """Feature-store round trips (the lookup's observer) and per-model feature outcomes."""
 
     def __init__(self, registry: CollectorRegistry, store: str) -> None:
+        self.store = store  # the `store` label of every series here
         self.round_trips = LoopCounter(
             "batchline_feature_round_trips",
             "Feature store round trips by outcome",

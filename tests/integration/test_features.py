@@ -237,8 +237,8 @@ async def test_concurrent_lookups_share_round_trips(
                 await stub.ModelInfer(request, timeout=10)
 
         await asyncio.gather(*(client(requests[i::64]) for i in range(64)))
-    round_trips = metrics.round_trips.labels(metrics._store, "ok").value
-    assert metrics.keys.labels(metrics._store).value == 512
+    round_trips = metrics.round_trips.labels(metrics.store, "ok").value
+    assert metrics.keys.labels(metrics.store).value == 512
     # In-process the client shares the server's loop and core; the bench measures the ratio at
     # c=64 with an external client. Here: lookups demonstrably share round trips.
     assert round_trips / 512 <= 0.5, f"{round_trips} round trips for 512 requests"
