@@ -282,7 +282,7 @@ class Sampler:
     """CPU seconds of the server tree and of the client, every `period_s`, while the client runs."""
 
     def __init__(self, server_cpu: Callable[[], float], client_pid: int, period_s: float = 0.25):
-        from bench.peers.launch import tree_cpu_seconds
+        from bench.processes import tree_cpu_seconds
 
         self._server_cpu = server_cpu
         self._client = lambda: tree_cpu_seconds(client_pid)
@@ -404,7 +404,7 @@ def start_server(label: str, work: Path, registry: Path, onnx: dict[str, Path], 
 def run_server(
     label: str, args: argparse.Namespace, work: Path, registry: Path, onnx: dict[str, Path]
 ) -> list[Point]:
-    from bench.peers.launch import LaunchError
+    from bench.processes import LaunchError
 
     models = ["churn"] if label == "echo" else [m for m in args.models if m in onnx]
     plan = [(m, "unary", c) for m in models for c in args.levels]

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.processes import cpu_seconds
 from server._proto import inference_pb2 as pb
 from server.api.servicer import InferenceServicer
 from server.app import App
@@ -187,11 +188,6 @@ def stdout_to_devnull() -> Iterator[None]:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def request_path(

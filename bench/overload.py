@@ -26,17 +26,17 @@ import json
 import math
 import os
 import platform
-import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.processes import Nginx, Spawned, launch, nginx_binary, pinned, start_nginx
+from bench.scrape import metric
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -47,49 +47,7 @@ PIN = {"server": "", "client": ""}
 # ---- the server ------------------------------------------------------------------------------
 
 
-def _stat(pid: int | str) -> list[str]:
-    """/proc/PID/stat's fields after the command name (ppid is [1], utime/stime [11]/[12])."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _cpu(fields: list[str]) -> float:
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Server:
-    popen: subprocess.Popen[bytes]
-    grpc_port: int
-    metrics_port: int
-    pid: int
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def cpu_seconds(self) -> float:
-        return _cpu(_stat(self.pid))
-
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait()
+Server = Spawned
 
 
 def start_server(
@@ -97,13 +55,10 @@ def start_server(
 ) -> Server:
     """`batchline serve` for the model(s) at @production on free ports; `config` is TOML text."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    ready = RESULTS / f".ready-{tag}.json"
-    ready.unlink(missing_ok=True)
-    log = RESULTS / f".{tag}.log"
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
         "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
-        "--log-level", "warning", "--ready-file", str(ready),
+        "--log-level", "warning",
     ]  # fmt: skip
     for name in (model,) if isinstance(model, str) else model:
         cmd += ["--model", f"{name}@production"]
@@ -111,112 +66,16 @@ def start_server(
         path = RESULTS / f".{tag}.toml"
         path.write_text(config)
         cmd += ["--config", str(path)]
-    with open(log, "wb") as out:
-        if PIN["server"]:
-            cmd = ["taskset", "-c", PIN["server"], *cmd]
-        popen = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if popen.poll() is not None or time.monotonic() > deadline:
-            popen.kill()
-            raise RuntimeError(f"{tag} did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
-    ready.unlink()
-    return Server(popen, info["grpc_port"], info["metrics_port"], info["pid"], log)
-
-
-@dataclass
-class Proxy:
-    """nginx in front of batchline, from deploy/nginx/batchline.conf.template."""
-
-    popen: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def cpu_seconds(self) -> float:
-        """CPU of the master and its worker (nginx forks one; the worker does the work)."""
-        total = 0.0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = _stat(entry.name)
-            except OSError:
-                continue
-            if int(entry.name) == self.popen.pid or int(fields[1]) == self.popen.pid:
-                total += _cpu(fields)
-        return total
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-
-def nginx_binary() -> str | None:
-    """nginx on PATH, or Debian's /usr/sbin/nginx (not on a non-root PATH)."""
-    found = shutil.which("nginx")
-    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
-        found = "/usr/sbin/nginx"
-    return found
+    return launch(tag, pinned(cmd, PIN["server"]), RESULTS)
 
 
 def start_proxy(
     upstream_port: int, max_in_flight: int, tag: str, runtime: Path | None = None
-) -> Proxy:
+) -> Nginx:
     """nginx (deploy/nginx/batchline.conf.template) on a free port in front of batchline."""
-    import socket
-    from string import Template
-
-    nginx = nginx_binary()
-    if nginx is None:
-        raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
-    runtime = runtime or RESULTS / f".nginx-{tag}"
-    runtime.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    template = (ROOT / "deploy" / "nginx" / "batchline.conf.template").read_text()
-    conf = runtime / "nginx.conf"
-    conf.write_text(
-        Template(template).safe_substitute(
-            MAX_IN_FLIGHT=max_in_flight,
-            LISTEN=f"127.0.0.1:{port}",
-            UPSTREAM=f"127.0.0.1:{upstream_port}",
-            RUNTIME=str(runtime),
-        )
+    return start_nginx(
+        upstream_port, max_in_flight, runtime or RESULTS / f".nginx-{tag}", PIN["server"]
     )
-    cmd = [nginx, "-c", str(conf), "-e", "stderr"]
-    if PIN["server"]:
-        cmd = ["taskset", "-c", PIN["server"], *cmd]
-    log = runtime / "nginx.log"
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return Proxy(popen, port)
-        if popen.poll() is not None or time.monotonic() > deadline:
-            popen.kill()
-            popen.wait()
-            raise RuntimeError(f"nginx did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.02)
-
-
-def metric(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 # ---- load ------------------------------------------------------------------------------------

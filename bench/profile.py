@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.overload import RESULTS, ROOT, metric, start_server
+from bench.processes import cpu_seconds
 
 PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "run"
 
@@ -86,11 +87,6 @@ def breakdown(raw: str) -> dict[str, int]:
     return dict(counts)
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--registry", default=str(ROOT / "demo-registry"))
@@ -114,7 +110,7 @@ def main() -> int:
         time.sleep(3)  # warm-up under load
         ok_key = "batchline_requests_total"
         before = metric(server.metrics(), ok_key, status="OK")
-        cpu0 = _cpu(server.pid)
+        cpu0 = cpu_seconds(server.pid)
         started = time.monotonic()
         subprocess.run(
             [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server.pid), "-d",
@@ -122,7 +118,7 @@ def main() -> int:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wall = time.monotonic() - started
-        cpu = _cpu(server.pid) - cpu0
+        cpu = cpu_seconds(server.pid) - cpu0
         answered = metric(server.metrics(), ok_key, status="OK") - before
     finally:
         load.kill()

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from bench.overload import RESULTS, ROOT, start_server
-from bench.soak import rss_mb
+from bench.processes import rss_mb
 
 GOAL_MB = 40.0
 

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.processes import Spawned, free_port, launch
+from bench.scrape import scrape as scrape_samples
+from bench.scrape import totals
 from registry_client.demo import DEMO_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,46 +41,11 @@ MODELS = DEMO_MODELS
 # ---- processes -------------------------------------------------------------------------------
 
 
-@dataclass
-class Proc:
-    popen: subprocess.Popen[bytes]
-    port: int
-    pid: int
-    metrics_port: int = 0
-    http_port: int = 0
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait()
+Proc = Spawned
 
 
 def start(cmd: list[str], tag: str) -> Proc:
-    ready = RESULTS / f".ready-{tag}.json"
-    ready.unlink(missing_ok=True)
-    log = open(RESULTS / f".{tag}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    popen = subprocess.Popen(
-        [*cmd, "--ready-file", str(ready)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if popen.poll() is not None or time.monotonic() > deadline:
-            popen.kill()
-            raise RuntimeError(f"{tag} did not start; see {log.name}")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
-    ready.unlink()
-    return Proc(
-        popen, info["grpc_port"], info["pid"], info.get("metrics_port", 0), info.get("http_port", 0)
-    )
+    return launch(tag, cmd, RESULTS)
 
 
 def start_echo() -> Proc:
@@ -100,18 +67,8 @@ def start_batchline(
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The server's metrics as {name{labels}: value} (for round-trip ratios)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[sample.name] = out.get(sample.name, 0.0) + sample.value
-    return out
+    """The server's metrics as {name: value summed over labels} (for round-trip ratios)."""
+    return totals(scrape_samples(port))
 
 
 def model_counts(port: int, model: str) -> tuple[int, int]:
@@ -338,7 +295,6 @@ def entity_scenario(
     `delays`: "default" (the server's coalescing defaults) and feature_max_delay_us values
     (0: coalesce within one loop tick only)."""
     import shutil
-    import socket
     import struct
     import tempfile
 
@@ -346,9 +302,7 @@ def entity_scenario(
     from server._proto import inference_pb2 as pb
 
     work = Path(tempfile.mkdtemp(prefix="bench-features-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     redis = subprocess.Popen(
         [
             "redis-server",

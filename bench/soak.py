@@ -24,16 +24,10 @@ from typing import Any
 import numpy as np
 
 from bench.overload import RESULTS, ROOT, Server, metric, start_server
+from bench.processes import rss_mb
 
 SLOPE_GOAL_MB_PER_MIN = 0.5
 GROWTH_GOAL_PCT = 2.0
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def loads(server: Server, seconds: float, rps: float) -> list[tuple[str, list[str], Path]]:

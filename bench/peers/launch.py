@@ -10,14 +10,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.processes import (
+    LaunchError,
+    fail,
+    free_port,
+    pinned,
+    spawn,
+    start_with_ready_file,
+    stop,
+    tree_cpu_seconds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = ROOT / ".tools" / "peers"
@@ -27,10 +36,6 @@ HERE = Path(__file__).resolve().parent
 INSTALL_HINT = "run scripts/install_peers.sh (make bench does)"
 
 Counts = Callable[[str], "tuple[int, int] | None"]
-
-
-class LaunchError(RuntimeError):
-    """A server did not start; the message says which and where its log is."""
 
 
 @dataclass
@@ -46,87 +51,19 @@ class Server:
         return tree_cpu_seconds(self.pid)
 
     def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait()
-
-
-# ---- CPU accounting --------------------------------------------------------------------------
-
-
-def _ticks(pid: int) -> int:
-    """utime+stime+cutime+cstime of `pid` in clock ticks (0 once it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return 0
-    return sum(int(f) for f in text.rsplit(")", 1)[1].split()[11:15])
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return out
-    for tid in tasks:
-        try:
-            out.extend(int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return out
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds used by `root` and every live descendant, plus the children they reaped
-    (Triton's python-backend stubs, MLServer's workers)."""
-    total, todo, seen = 0, [root], set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += _ticks(pid)
-        todo.extend(_children(pid))
-    return total / os.sysconf("SC_CLK_TCK")
+        return stop(self.popen)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pinned(cmd: list[str], cpus: str | None) -> list[str]:
-    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
-
-
 def _popen(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-
-def _tail(log: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
+    log.unlink(missing_ok=True)
+    return spawn(cmd, log, env=env, new_session=True)
 
 
 def _fail(name: str, popen: subprocess.Popen[bytes], log: Path, why: str) -> LaunchError:
-    if popen.poll() is None:
-        popen.kill()
-        popen.wait()
-    return LaunchError(f"{name}: {why}; log {log}:\n{_tail(log)}")
+    return fail(f"{name}:", popen, log, f"{why}; log {log}")
 
 
 def model_statistics(port: int, model: str) -> tuple[int, int] | None:
@@ -175,18 +112,11 @@ def wait_ready(name: str, popen: subprocess.Popen[bytes], log: Path, port: int,
 
 
 def _start_with_ready_file(name: str, cmd: list[str], work: Path) -> Server:
-    ready = work / f"{name}.ready.json"
     log = work / f"{name}.log"
-    ready.unlink(missing_ok=True)
-    popen = _popen([*cmd, "--ready-file", str(ready)], log)
-    deadline = time.monotonic() + 180
-    while not ready.exists():
-        if popen.poll() is not None:
-            raise _fail(name, popen, log, f"exited with {popen.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise _fail(name, popen, log, "no ready file after 180 s")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
+    log.unlink(missing_ok=True)
+    popen, info = start_with_ready_file(
+        name, cmd, work / f"{name}.ready.json", log, timeout_s=180, new_session=True
+    )
     return Server(name, popen, int(info["pid"]), int(info["grpc_port"]), log)
 
 
