@@ -23,7 +23,7 @@ import pytest
 
 from server.cli import build_parser
 from server.config import ServerSettings, load_settings
-from tests.integration.conftest import ServerProcess, spawn_server
+from tests.support.processes import ServerProcess, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -348,11 +348,10 @@ def test_final_stage_is_slim_python_non_root_without_train_or_dev_extras(
 def server(
     demo_registry: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    process = spawn_server(
+    with serving(
         demo_registry, tmp_path_factory.mktemp("healthcheck"), "--model", "churn@production"
-    )
-    yield process
-    assert process.terminate() == 0, process.log.read_text()
+    ) as process:
+        yield process
 
 
 def healthcheck_argv(final: Stage, address: str) -> tuple[list[str], float]:

@@ -14,12 +14,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.overload import nginx_binary, start_proxy
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import spawn_server
+from tests.support.processes import ROOT, nginx_binary, spawn_server, start_nginx
+from tests.support.requests import infer_request
 
-ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "nginx" / "batchline.conf.template"
 
 
@@ -34,13 +32,11 @@ async def test_nginx_front_refuses_over_its_limit_with_resource_exhausted(
 ) -> None:
     server = spawn_server(demo_registry, tmp_path, "--model", "churn_mlp@production")
     try:
-        proxy = start_proxy(server.grpc_port, 2, "test", runtime=tmp_path / "nginx")
+        proxy = start_nginx(server.grpc_port, 2, tmp_path / "nginx")
     except BaseException:
         server.terminate()
         raise
-    request = pb.ModelInferRequest(model_name="churn_mlp")
-    request.inputs.add(name="input", datatype="FP32", shape=[64, 15])
-    request.raw_input_contents.append(np.zeros((64, 15), np.float32).tobytes())
+    request = infer_request(np.zeros((64, 15), np.float32), "churn_mlp")
     statuses: collections.Counter[str] = collections.Counter()
     messages: set[str] = set()
     try:

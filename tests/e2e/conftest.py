@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ServerProcess, spawn_server
+from tests.support.processes import ROOT, ServerProcess, serving
 
-ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = ROOT / "scripts" / "install_perf_analyzer.sh"
 INSTALL_DIR = ROOT / ".tools" / "perf_analyzer"
 
@@ -48,6 +47,5 @@ def batchline_server(
 ) -> Iterator[ServerProcess]:
     """A `batchline serve` subprocess with churn@production and churn_mlp@production, owned by
     one test module so that statistics deltas are not disturbed by other tests' traffic."""
-    server = spawn_server(demo_registry, tmp_path_factory.mktemp("e2e-server"))
-    yield server
-    assert server.terminate() == 0, server.log.read_text()
+    with serving(demo_registry, tmp_path_factory.mktemp("e2e-server")) as server:
+        yield server

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import re
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import pytest
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import ServerProcess
+from tests.support.polling import settled
+from tests.support.processes import ServerProcess
 
 WINDOW_MS = 500
 RUN_TIMEOUT_S = 45
@@ -76,14 +76,7 @@ def model_counts(server: ServerProcess, model: str) -> Counts:
 def settled_counts(server: ServerProcess, model: str, timeout: float = 5.0) -> Counts:
     """The model's counts once two reads 50 ms apart agree (requests still in the server after
     the client exits would otherwise race the read)."""
-    deadline = time.monotonic() + timeout
-    last = model_counts(server, model)
-    while True:
-        time.sleep(0.05)
-        now = model_counts(server, model)
-        if now == last or time.monotonic() > deadline:
-            return now
-        last = now
+    return settled(lambda: model_counts(server, model), timeout=timeout, every=0.05)
 
 
 def run_perf_analyzer(

@@ -12,22 +12,21 @@ import asyncio
 import signal
 import subprocess
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import RedisServer, ServerProcess, spawn_server
+from tests.support.metrics import metric, scrape_async
+from tests.support.polling import eventually
+from tests.support.processes import RedisServer, ServerProcess, spawn_server
 
 GRACE_S = 10.0
 
@@ -36,23 +35,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "fault: a fault-injection scenario against a real server process"
     )
-
-
-# ---- requests -------------------------------------------------------------------------------
-
-
-def infer_request(x: np.ndarray, model: str) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    return request
-
-
-def entity_request(ids: list[str], model: str = "churn") -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    tensor = request.inputs.add(name="customer_id", datatype="BYTES", shape=[len(ids)])
-    tensor.contents.bytes_contents.extend(i.encode() for i in ids)
-    return request
 
 
 # ---- accounting -----------------------------------------------------------------------------
@@ -209,51 +191,15 @@ async def good_batch(
 # ---- the server's own view ------------------------------------------------------------------
 
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def _scrape(port: int) -> Samples:
-    url = f"http://127.0.0.1:{port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-async def scrape(server: ServerProcess) -> Samples:
-    return await asyncio.to_thread(_scrape, server.metrics_port)
-
-
-def metric(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels` (0 when there are none)."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-async def wait_for(
-    check: Callable[[], bool | Awaitable[bool]], within: float, what: str, every: float = 0.02
-) -> float:
-    """Poll `check` until it holds (returns the seconds it took) or fail after `within` s."""
-    start = time.monotonic()
-    while True:
-        held = check()
-        if not isinstance(held, bool):
-            held = await held
-        if held:
-            return time.monotonic() - start
-        assert time.monotonic() - start < within, f"{what} did not happen within {within}s"
-        await asyncio.sleep(every)  # poll interval of a bounded condition loop
-
-
 async def wait_for_metric(
     server: ServerProcess, name: str, value: float, within: float, **labels: str
 ) -> float:
-    async def holds() -> bool:
-        return metric(await scrape(server), name, **labels) == value
+    """Seconds until the server's own `name{labels}` reads `value` (bounded by `within`)."""
 
-    return await wait_for(holds, within, f"{name}{labels} == {value}")
+    async def holds() -> bool:
+        return metric(await scrape_async(server.metrics_port), name, **labels) == value
+
+    return await eventually(holds, timeout=within, what=f"{name}{labels} == {value}")
 
 
 # ---- processes ------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from server._proto import inference_pb2 as pb
-from tests.fault.conftest import Servers, channel, metric, scrape, wait_for
-from tests.integration.conftest import ServerProcess
-from tests.integration.test_drift import Sidecar, free_port, spawn_sidecar
+from tests.fault.conftest import Servers, channel
+from tests.support.metrics import metric, scrape_async
+from tests.support.polling import eventually
+from tests.support.processes import ServerProcess, Sidecar, free_port, spawn_sidecar
+from tests.support.requests import infer_request
 
 PRODUCER = "server.drift.producer"
 
@@ -38,12 +40,8 @@ def warnings_with(server: ServerProcess, text: str) -> list[dict[str, Any]]:
 
 
 def request(i: int, rows: int = 1, id_chars: int = 0) -> pb.ModelInferRequest:
-    request_id = f"r{i}-" + "x" * id_chars
     x = np.full((rows, 15), 0.1 * (i % 7), np.float32)
-    message = pb.ModelInferRequest(model_name="churn", id=request_id)
-    message.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    message.raw_input_contents.append(x.tobytes())
-    return message
+    return infer_request(x, "churn", id=f"r{i}-" + "x" * id_chars)
 
 
 async def serve(server: ServerProcess, n: int, **kwargs: int) -> None:
@@ -68,16 +66,16 @@ async def test_a_sidecar_away_longer_than_warn_after_s_is_warned_about_then_its_
     )
     server = servers.start(demo_registry, config, "churn@production")
     await serve(server, 20)  # 5 fit the queue, 15 are dropped while the sidecar is away
-    samples = await scrape(server)
+    samples = await scrape_async(server.metrics_port)
     assert (
         metric(samples, "batchline_drift_producer_records_total", outcome="dropped_disconnected")
         == 15
     )
     assert metric(samples, "batchline_drift_producer_queue") == 5
 
-    await wait_for(
+    await eventually(
         lambda: len(warnings_with(server, "15 prediction records dropped meanwhile")) >= 2,
-        within=30,
+        timeout=30,
         what="two unreachable warnings with the 15 dropped records",
     )
     warned = warnings_with(server, "unreachable for")
@@ -91,12 +89,12 @@ async def test_a_sidecar_away_longer_than_warn_after_s_is_warned_about_then_its_
 
     sidecar: Sidecar = await asyncio.to_thread(spawn_sidecar, demo_registry, tmp_path, port)
     try:
-        await wait_for(
+        await eventually(
             lambda: any(
                 e["level"] == "info" and "reachable again" in e["message"]
                 for e in log_lines(server)
             ),
-            within=30,
+            timeout=30,
             what="the producer's reconnect line",
         )
         (back,) = [e for e in log_lines(server) if "reachable again" in e["message"]]
@@ -106,11 +104,10 @@ async def test_a_sidecar_away_longer_than_warn_after_s_is_warned_about_then_its_
             window = await asyncio.to_thread(sidecar.window)
             return window["records_total"] == 5
 
-        await wait_for(queued_sent, within=30, what="the 5 queued records at the sidecar")
+        await eventually(queued_sent, timeout=30, what="the 5 queued records at the sidecar")
         Servers.stop(server)
     finally:
-        sidecar.proc.kill()
-        sidecar.proc.wait()
+        sidecar.kill()
     (summary,) = warnings_with(server, "drift producer stopped")
     assert summary["message"].startswith(
         "drift producer stopped: 15 prediction records never reached the sidecar"
@@ -128,7 +125,7 @@ async def test_the_queue_holds_no_more_than_max_queue_bytes_and_sigterm_says_wha
     config = drift_config(free_port(), max_queue_bytes=cap, warn_after_s=600.0, flush_timeout_s=0.5)
     server = servers.start(demo_registry, config, "churn@production")
     await serve(server, 100, rows=rows, id_chars=id_chars)
-    samples = await scrape(server)
+    samples = await scrape_async(server.metrics_port)
     queued = metric(samples, "batchline_drift_producer_queue")
     held = metric(samples, "batchline_drift_producer_queue_bytes")
     dropped = metric(
@@ -164,9 +161,8 @@ async def test_no_loss_no_shutdown_warning(
             window = await asyncio.to_thread(sidecar.window)
             return window["records_total"] == 10
 
-        await wait_for(arrived, within=30, what="the 10 records at the sidecar")
+        await eventually(arrived, timeout=30, what="the 10 records at the sidecar")
         Servers.stop(server)
     finally:
-        sidecar.proc.kill()
-        sidecar.proc.wait()
+        sidecar.kill()
     assert not [e for e in log_lines(server) if e["level"] == "warning"]

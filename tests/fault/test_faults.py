@@ -23,22 +23,12 @@ from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import open_feature_store
 from server.features.materialize import materialize
 from server.features.view import Feature, FeatureView
-from tests.fault.conftest import (
-    Load,
-    Outcome,
-    Servers,
-    Tally,
-    channel,
-    entity_request,
-    good_batch,
-    infer_request,
-    metric,
-    scrape,
-    wait_for,
-    wait_for_metric,
-)
-from tests.integration.conftest import RedisServer, ServerProcess, register_with_attachment
-from tests.integration.faults import registry_with_failing_churn, rows
+from tests.fault.conftest import Load, Outcome, Servers, Tally, channel, good_batch, wait_for_metric
+from tests.support.metrics import metric, scrape_async
+from tests.support.models import register_with_attachment, registry_with_failing_churn, rows
+from tests.support.polling import eventually
+from tests.support.processes import RedisServer, ServerProcess
+from tests.support.requests import entity_request, infer_request
 
 pytestmark = pytest.mark.fault
 
@@ -114,7 +104,9 @@ async def test_redis_killed_mid_load_fails_fast_opens_the_breaker_and_recovers_a
     breaker = {"breaker": "feature_store"}
     async with asyncio.timeout(SCENARIO_S), channel(server) as stub:
         async with Load(stub, tally, make, workers=16, timeout=2.0):
-            await wait_for(lambda: len(tally.outcomes) >= 200, 10, "200 healthy calls")
+            await eventually(
+                lambda: len(tally.outcomes) >= 200, timeout=10, what="200 healthy calls"
+            )
             redis_server.kill()
             killed = time.monotonic()
             opened_after = await wait_for_metric(
@@ -128,7 +120,7 @@ async def test_redis_killed_mid_load_fails_fast_opens_the_breaker_and_recovers_a
             closed = time.monotonic()
             await asyncio.sleep(0.3)  # a little traffic on the closed breaker
         final = await good_batch(stub, lambda i: entity_request([f"c{i % ENTITIES}"]), 100)
-        samples = await scrape(server)
+        samples = await scrape_async(server.metrics_port)
 
     before = [o for o in tally.outcomes if o.finished < killed]
     outage = [o for o in tally.outcomes if killed < o.started and o.finished < restarted]
@@ -206,7 +198,7 @@ async def test_a_model_failing_on_some_inputs_opens_its_breaker_and_closes_on_go
             closed = time.monotonic()
             await asyncio.sleep(0.3)
         final = await good_batch(stub, lambda i: good, 100)
-        samples = await scrape(server)
+        samples = await scrape_async(server.metrics_port)
 
     print(
         f"failing model ({fallback}): bad {dict(tally.codes(lambda o: o.tag == 'bad'))}, "
@@ -283,7 +275,7 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
         async with slow, normal:
             end = time.monotonic() + 2.5
             while time.monotonic() < end:
-                samples = await scrape(server)
+                samples = await scrape_async(server.metrics_port)
                 busy.append(
                     (
                         metric(samples, "batchline_requests_in_flight"),
@@ -291,9 +283,11 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
                     )
                 )
                 await asyncio.sleep(0.05)
-        drained = await wait_for(_idle(server, model), 5, "queue and in-flight back to 0")
+        drained = await eventually(
+            _idle(server, model), timeout=5, what="queue and in-flight back to 0"
+        )
         final = await good_batch(stub, lambda i: infer_request(x[: 1 + i % 64], "churn_mlp"), 100)
-        samples = await scrape(server)
+        samples = await scrape_async(server.metrics_port)
 
     late = tally.codes(lambda o: o.tag == "slow")
     on_time = tally.codes(lambda o: o.tag == "normal")
@@ -329,7 +323,7 @@ async def test_a_model_slower_than_deadlines_answers_deadline_exceeded_and_leaks
 
 def _idle(server: ServerProcess, model: dict[str, str]) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        samples = await scrape(server)
+        samples = await scrape_async(server.metrics_port)
         return (
             metric(samples, "batchline_queue_rows", **model) == 0
             and metric(samples, "batchline_requests_in_flight") == 0
@@ -375,13 +369,15 @@ async def test_thousands_of_cancellations_and_expiries_leave_the_server_serving_
     async with asyncio.timeout(SCENARIO_S), channel(server) as stub:
         await asyncio.gather(*(one(i, stub) for i in range(3000) if i % 3 == 0))
         await asyncio.gather(*(one(i, stub) for i in range(3000) if i % 3 != 0))
-        drained = await wait_for(_idle(server, model), 5, "queue and in-flight back to 0")
+        drained = await eventually(
+            _idle(server, model), timeout=5, what="queue and in-flight back to 0"
+        )
         # grpcio (1.85, seen with a bare grpc.aio server too) may end calls that start within
         # ~50-300 ms of such a storm CANCELLED, neither side having cancelled them; the server
         # itself is idle by now. Recovery is judged once that has passed.
         await asyncio.sleep(GRPC_SETTLE_S)
         final = await good_batch(stub, lambda i: requests[i % 64], 200, concurrency=32)
-        samples = await scrape(server)
+        samples = await scrape_async(server.metrics_port)
 
     codes = {c: ended.count(c) for c in set(ended)}
     dropped = {
@@ -437,10 +433,12 @@ async def test_sigterm_under_load_answers_every_call_ok_or_unavailable_and_exits
             stop_on=frozenset({"UNAVAILABLE"}),
         )
         async with load:
-            await wait_for(lambda: len(tally.outcomes) >= 300, 15, "300 answered calls")
+            await eventually(
+                lambda: len(tally.outcomes) >= 300, timeout=15, what="300 answered calls"
+            )
             server.proc.send_signal(signal.SIGTERM)
             sigterm = time.monotonic()
-            await wait_for(lambda: load.finished, 10, "every caller told")
+            await eventually(lambda: load.finished, timeout=10, what="every caller told")
         code = await asyncio.to_thread(server.proc.wait, 10)
         exited = time.monotonic() - sigterm
 

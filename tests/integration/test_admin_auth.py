@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from server._proto import admin_pb2 as admin
@@ -16,7 +17,8 @@ from server._proto import admin_pb2_grpc as admin_grpc
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.config import ConfigError, load_settings
-from tests.integration.conftest import AppFactory
+from tests.support.apps import AppFactory
+from tests.support.requests import infer_request
 
 TOKEN = "t0ken-for-admin"
 Call = Callable[[Any, Any], Awaitable[Any]]
@@ -85,9 +87,7 @@ async def test_without_a_token_on_a_public_host_every_admin_rpc_is_refused(
         assert "admin_token_file" in message
         assert (await _code(ADMIN_CALLS[name], channel, _bearer("guess")))[0] == code
         # Inference is not admin: it answers as ever.
-        request = pb.ModelInferRequest(model_name="churn")
-        request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-        request.raw_input_contents.append(b"\x00" * 60)
+        request = infer_request(np.zeros((1, 15), np.float32), "churn")
         await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from registry_client import FileRegistry
-from tests.integration.conftest import ServerProcess, spawn_server
 from tests.integration.test_cli_usability import batchline, clean_env, one_line_error
+from tests.support.processes import ServerProcess, spawn_server
 
 TOKEN = "admin-cli-t0ken"
 

@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import AppFactory, ServerProcess
+from tests.support.apps import AppFactory
+from tests.support.processes import ServerProcess
+from tests.support.requests import infer_request
+from tests.support.requests import typed_request as typed_contents_request
 
 Request = Any  # a server._proto ModelInferRequest (generated, untyped)
 TIMEOUT = 5.0
@@ -31,17 +34,11 @@ ROWS = RNG.normal(size=(80, 15)).astype(np.float32)
 
 
 def good_request(rows: int = 2, model: str = "churn") -> Request:
-    request = pb.ModelInferRequest(model_name=model, id="good")
-    request.inputs.add(name="input", datatype="FP32", shape=[rows, 15])
-    request.raw_input_contents.append(ROWS[:rows].tobytes())
-    return request
+    return infer_request(ROWS[:rows], model, id="good")
 
 
 def typed_request(rows: int = 2) -> Request:
-    request = pb.ModelInferRequest(model_name="churn")
-    tensor = request.inputs.add(name="input", datatype="FP32", shape=[rows, 15])
-    tensor.contents.fp32_contents.extend(ROWS[:rows].ravel().tolist())
-    return request
+    return typed_contents_request(ROWS[:rows], "churn")
 
 
 # ---- the table ------------------------------------------------------------------------------

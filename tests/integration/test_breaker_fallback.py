@@ -15,7 +15,8 @@ from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.clock import FakeClock
-from tests.integration.faults import registry_with_failing_churn, rows
+from tests.support.models import registry_with_failing_churn, rows
+from tests.support.requests import infer_request
 
 AppFactory = Callable[..., Awaitable[App]]
 
@@ -39,20 +40,13 @@ permitted_calls_in_half_open = 2
 """
 
 
-def _request(x: np.ndarray, model: str = "churn") -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
-    return request
-
-
 async def _fail_until_open(stub: pb_grpc.GRPCInferenceServiceStub, app: App) -> None:
     """Poisoned requests (each INTERNAL: the model ran and failed) until the breaker opens."""
     breaker = app.models.get("churn").breaker
     codes = []
     for _ in range(10):
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelInfer(_request(rows(1, poison=True)), timeout=10)
+            await stub.ModelInfer(infer_request(rows(1, poison=True)), timeout=10)
         codes.append(err.value.code())
         if breaker.state.name == "OPEN":
             break
@@ -79,13 +73,13 @@ async def test_failing_model_opens_its_breaker_and_then_answers_unavailable_at_o
     app, failing = await _start(start_app, demo_registry, tmp_path)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        good = await stub.ModelInfer(_request(rows(2, poison=False)), timeout=10)
+        good = await stub.ModelInfer(infer_request(rows(2, poison=False)), timeout=10)
         assert good.model_version == failing
         await _fail_until_open(stub, app)
         calls_before = app.models.get("churn").stats.execution_count
         start = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelInfer(_request(rows(1, poison=False)), timeout=10)
+            await stub.ModelInfer(infer_request(rows(1, poison=False)), timeout=10)
         assert time.monotonic() - start < 0.5
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"model:churn:{failing}" in (err.value.details() or "")
@@ -101,7 +95,7 @@ async def test_open_breaker_answers_the_static_fallback_and_says_so(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         await _fail_until_open(stub, app)
-        reply = await stub.ModelInfer(_request(rows(3, poison=False)), timeout=10)
+        reply = await stub.ModelInfer(infer_request(rows(3, poison=False)), timeout=10)
     assert reply.parameters["fallback"].string_param == "static"
     probs = np.frombuffer(reply.raw_output_contents[1], dtype=np.float32).reshape(3, 2)
     labels = np.frombuffer(reply.raw_output_contents[0], dtype=np.int64)
@@ -119,7 +113,7 @@ async def test_open_breaker_falls_back_to_the_previous_version(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         await _fail_until_open(stub, app)
-        reply = await stub.ModelInfer(_request(rows(2, poison=False)), timeout=10)
+        reply = await stub.ModelInfer(infer_request(rows(2, poison=False)), timeout=10)
     assert reply.model_version == "1"
     assert reply.parameters["fallback"].string_param == "previous:1"
 
@@ -137,16 +131,16 @@ async def test_breaker_probes_in_half_open_and_closes_when_the_model_recovers(
         clock.advance(31)
         # The first two calls are the half-open probes; both succeed and close the breaker.
         for _ in range(2):
-            await stub.ModelInfer(_request(rows(1, poison=False)), timeout=10)
+            await stub.ModelInfer(infer_request(rows(1, poison=False)), timeout=10)
         assert breaker.state.name == "CLOSED"
-        await stub.ModelInfer(_request(rows(1, poison=False)), timeout=10)
+        await stub.ModelInfer(infer_request(rows(1, poison=False)), timeout=10)
         # Failing probes re-open it.
         await _fail_until_open(stub, app)
         clock.advance(31)
         with pytest.raises(grpc.aio.AioRpcError):
-            await stub.ModelInfer(_request(rows(1, poison=True)), timeout=10)
+            await stub.ModelInfer(infer_request(rows(1, poison=True)), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError):
-            await stub.ModelInfer(_request(rows(1, poison=True)), timeout=10)
+            await stub.ModelInfer(infer_request(rows(1, poison=True)), timeout=10)
         assert breaker.state.name == "OPEN"
     transitions = app.metrics.breaker_transitions
     assert transitions.labels(f"model:churn:{failing}", "HALF_OPEN", "CLOSED")._value.get() == 1
@@ -161,11 +155,11 @@ async def test_a_poisoned_batch_fails_only_its_own_callers(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         good = await asyncio.gather(
-            *(stub.ModelInfer(_request(rows(1, poison=False)), timeout=10) for _ in range(8)),
+            *(stub.ModelInfer(infer_request(rows(1, poison=False)), timeout=10) for _ in range(8)),
             return_exceptions=True,
         )
         assert all(isinstance(r, pb.ModelInferResponse) for r in good)
-        after = await stub.ModelInfer(_request(rows(1, poison=False)), timeout=10)
+        after = await stub.ModelInfer(infer_request(rows(1, poison=False)), timeout=10)
         assert after.outputs
 
 
@@ -177,7 +171,7 @@ async def test_requests_over_the_in_flight_cap_get_resource_exhausted_at_once(
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         x = np.zeros((64, 15), dtype=np.float32)
         results = await asyncio.gather(
-            *(stub.ModelInfer(_request(x, "churn_mlp"), timeout=30) for _ in range(40)),
+            *(stub.ModelInfer(infer_request(x, "churn_mlp"), timeout=30) for _ in range(40)),
             return_exceptions=True,
         )
     rejected = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
@@ -197,7 +191,9 @@ async def test_a_model_slower_than_timeout_ms_answers_deadline_exceeded_and_coun
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelInfer(_request(np.zeros((64, 15), np.float32), "churn_mlp"), timeout=10)
+            await stub.ModelInfer(
+                infer_request(np.zeros((64, 15), np.float32), "churn_mlp"), timeout=10
+            )
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "timeout_ms" in (err.value.details() or "")
     assert breaker.metrics(0.0).buffered_calls == 1
@@ -214,7 +210,7 @@ async def test_a_failed_request_is_one_json_log_line_with_its_ids(
     app, failing = await _start(start_app, demo_registry, tmp_path)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = _request(rows(1, poison=True))
+        request = infer_request(rows(1, poison=True))
         request.id = "bad-request-7"
         with (
             caplog.at_level(logging.ERROR, logger="server.pipeline"),

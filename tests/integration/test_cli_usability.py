@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from registry_client import FileRegistry
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import ROOT, AppFactory, ServerProcess
+from tests.support.apps import AppFactory
+from tests.support.processes import ROOT, ServerProcess
+from tests.support.requests import infer_request
 
 BATCHLINE = str(Path(sys.executable).with_name("batchline"))
 FEATURES = [f"f{i}" for i in range(15)]
@@ -108,9 +109,7 @@ async def test_a_default_skl2onnx_classifier_registers_and_serves_its_probabilit
     )
     app = await start_app(models=("clf@production",), registry=registry)
     X = np.random.default_rng(5).normal(size=(16, 8)).astype(np.float32)
-    request = pb.ModelInferRequest(model_name="clf")
-    request.inputs.add(name="input", datatype="FP32", shape=[16, 8])
-    request.raw_input_contents.append(X.tobytes())
+    request = infer_request(X, "clf")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     outputs = {

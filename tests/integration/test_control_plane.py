@@ -3,9 +3,6 @@ a replica started later serves them from the start; another deployment is left a
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -16,8 +13,8 @@ from registry_client.control import FileControlStore
 from server._proto import admin_pb2 as admin
 from server._proto import admin_pb2_grpc as admin_grpc
 from server.app import App
-
-AppFactory = Callable[..., Awaitable[App]]
+from tests.support.apps import AppFactory
+from tests.support.polling import eventually
 
 
 async def _set_route(app: App, **route: object) -> admin.RouteSpec:
@@ -25,15 +22,6 @@ async def _set_route(app: App, **route: object) -> admin.RouteSpec:
         return await admin_grpc.AdminServiceStub(channel).SetRoute(
             admin.RouteSpec(model="churn", **route), timeout=60
         )
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 20.0) -> float:
-    """Seconds until `condition` held (polled), failing after `timeout_s`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, "did not converge"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 async def test_replicas_converge_on_the_route_and_the_ref_set_on_one_of_them(
@@ -47,7 +35,7 @@ async def test_replicas_converge_on_the_route_and_the_ref_set_on_one_of_them(
     await _set_route(a, canary="2", canary_percent=25.0)
     route_a = a.models.route("churn")
     assert route_a is not None
-    await _until(lambda: b.models.route("churn") == route_a)
+    await eventually(lambda: b.models.route("churn") == route_a, timeout=20, what="b on route a")
     assert b.models.get("churn", "2").key.version == "2"  # the canary is loaded there too
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
@@ -55,7 +43,9 @@ async def test_replicas_converge_on_the_route_and_the_ref_set_on_one_of_them(
             admin.ReloadModelRequest(model="churn", ref="churn@2"), timeout=60
         )
     assert reply.version == "2"
-    await _until(lambda: a.models.get("churn").key.version == "2")
+    await eventually(
+        lambda: a.models.get("churn").key.version == "2", timeout=20, what="a serving 2"
+    )
     assert a.models.status("churn")[0].ref == "churn@2"
     # The canary became the primary on both: no route left pointing at it.
     assert a.models.route("churn") == b.models.route("churn")

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import AppFactory
+from tests.support.apps import AppFactory
+from tests.support.requests import infer_request
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "batchline.json"
@@ -74,9 +75,7 @@ async def test_every_metric_the_dashboard_queries_exists_on_a_running_server(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         rows = np.random.default_rng(0).normal(size=(2, 15)).astype(np.float32)
-        request = pb.ModelInferRequest(model_name="churn")
-        request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
-        request.raw_input_contents.append(rows.tobytes())
+        request = infer_request(rows, "churn")
         await asyncio.gather(*(stub.ModelInfer(request, timeout=10.0) for _ in range(8)))
         bad = pb.ModelInferRequest(model_name="churn")
         bad.inputs.add(name="nope", datatype="FP32", shape=[1, 15])

@@ -4,137 +4,35 @@ are read over HTTP, and the stream survives the sidecar being killed and restart
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from registry_client.demo import load_holdout
 from server._proto import drift_pb2 as pb
 from server._proto import drift_pb2_grpc as pb_grpc
 from server.drift import report as drift_report
 from server.drift.producer import DriftProducer
+from tests.support.metrics import parse
+from tests.support.polling import eventually
+from tests.support.processes import Sidecar, free_port, spawn_sidecar
 
-ROOT = Path(__file__).resolve().parents[2]
 DRIFTED = 3  # the feature the tests shift
 
 
-@dataclass
-class Sidecar:
-    proc: subprocess.Popen[bytes]
-    grpc_port: int
-    http_port: int
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def get(self, path: str) -> bytes:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body: bytes = response.read()
-        return body
-
-    def report(self) -> dict[str, object]:
-        doc: dict[str, object] = json.loads(self.get("/report.json?refresh=1"))
-        return doc
-
-    def window(self, model: str = "churn", version: str = "1") -> dict[str, object]:
-        for window in self.report()["windows"]:  # type: ignore[attr-defined]
-            if (window["model"], window["version"], window["role"]) == (model, version, "primary"):
-                return dict(window)
-        return {"records_total": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def spawn_sidecar(
-    registry: Path,
-    workdir: Path,
-    grpc_port: int = 0,
-    *extra: str,
-    host: str | None = "127.0.0.1",
-    env: dict[str, str] | None = None,
-) -> Sidecar:
-    """`python -m server.drift.sidecar` on free ports (`host=None`: no --host, the default
-    bind); `extra` flags and `env` variables are added."""
-    ready = workdir / f"drift-ready-{time.monotonic_ns()}.json"
-    log = ready.with_suffix(".log")
-    cmd = [
-        sys.executable, "-m", "server.drift.sidecar",
-        "--registry", str(registry),
-        *(("--host", host) if host is not None else ()),
-        "--grpc-port", str(grpc_port), "--http-port", "0",
-        "--ready-file", str(ready),
-        "--window-rows", "2000", "--min-rows", "100",
-        "--eval-every-records", "500", "--eval-every-s", "1",
-        "--alert", "feature_psi > 0.25",
-        *extra,
-    ]  # fmt: skip
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLINE_DRIFT_")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**environ, **(env or {})}
-        )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"sidecar not ready:\n{log.read_text()}")
-        time.sleep(0.02)
-    info = json.loads(ready.read_text())
-    assert info["pid"] == proc.pid
-    return Sidecar(proc, info["grpc_port"], info["http_port"], log)
-
-
-@pytest.fixture
-def sidecars(demo_registry: Path, tmp_path: Path) -> Iterator[list[Sidecar]]:
-    """Sidecars started by a test; whatever is still running is killed afterwards."""
-    started: list[Sidecar] = []
-    yield started
-    for sidecar in started:
-        if sidecar.proc.poll() is None:
-            sidecar.proc.kill()
-            sidecar.proc.wait()
-
-
-async def until(condition: object, what: str, limit_s: float = 15.0) -> None:
-    """Poll `condition()` (bounded), yielding to the loop between tries."""
-    deadline = time.monotonic() + limit_s
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def poll_http(sidecar: Sidecar, condition: object, what: str, limit_s: float = 15.0) -> None:
+    """Until `condition(window)` holds for the sidecar's churn v1 window, read over HTTP."""
+
     async def check() -> bool:
         return bool(condition(await asyncio.to_thread(sidecar.window)))  # type: ignore[operator]
 
-    deadline = time.monotonic() + limit_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {sidecar.window()}")
-        await asyncio.sleep(0.05)
+    await eventually(check, timeout=limit_s, what=what, every=0.05, detail=sidecar.window)
 
 
 def drifted_rows(demo_registry: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -157,7 +55,7 @@ async def test_streamed_predictions_show_up_in_report_and_metrics_with_the_drift
         producer.record(
             "churn", "1", "primary", f"req-{i}", f"cust-{i}", X[i], proba[i], predicted[i : i + 1]
         )
-    await until(lambda: producer.sent == len(X), what="everything sent")
+    await eventually(lambda: producer.sent == len(X), timeout=15, what="everything sent")
     await poll_http(sidecar, lambda w: w["records_total"] == len(X), "all records counted")
 
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
@@ -182,11 +80,7 @@ async def test_streamed_predictions_show_up_in_report_and_metrics_with_the_drift
     assert window["labelled_rows"] == len(X)
     assert window["accuracy"] == pytest.approx(float(np.mean(predicted == truth)))
 
-    metrics = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(sidecar.get("/metrics").decode())
-        for sample in family.samples
-    }
+    metrics = parse(sidecar.get("/metrics").decode())
     window_labels = (("model", "churn"), ("role", "primary"), ("version", "1"))
     assert metrics["batchline_drift_records_total", window_labels] == len(X)
     drifted = tuple(sorted((*window_labels, ("feature", f"f{DRIFTED}"))))
@@ -246,17 +140,20 @@ async def test_stream_resumes_after_the_sidecar_is_killed_and_restarted_on_the_s
             sequence += 1
 
     record_some(150)  # fits the queue even before the stream is up
-    await until(lambda: producer.sent == 150, what="first records sent")
+    await eventually(lambda: producer.sent == 150, timeout=15, what="first records sent")
     await poll_http(first, lambda w: w["records_total"] == 150, "first sidecar counts them")
 
-    first.proc.kill()
-    first.proc.wait()
+    first.kill()
+
     # Serving goes on: keep recording while the producer notices, then past its queue's size.
-    deadline = time.monotonic() + 15
-    while producer.connected:
-        assert time.monotonic() < deadline, producer.counters()
-        record_some(10)
-        await asyncio.sleep(0.005)
+    def noticed() -> bool:
+        if producer.connected:
+            record_some(10)
+        return not producer.connected
+
+    await eventually(
+        noticed, timeout=15, what="the producer noticing", every=0.005, detail=producer.counters
+    )
     sent_before_restart = producer.sent
     dropped_before = producer.dropped_disconnected
     record_some(300)
@@ -268,10 +165,10 @@ async def test_stream_resumes_after_the_sidecar_is_killed_and_restarted_on_the_s
     second = await asyncio.to_thread(spawn_sidecar, demo_registry, tmp_path, port)
     sidecars.append(second)
     assert second.grpc_port == port
-    await until(lambda: producer.connected, what="reconnected")
-    await until(lambda: producer.pending == 0, what="the queued records sent")
+    await eventually(lambda: producer.connected, timeout=15, what="reconnected")
+    await eventually(lambda: producer.pending == 0, timeout=15, what="the queued records sent")
     record_some(150)
-    await until(lambda: producer.pending == 0, what="queue drained")
+    await eventually(lambda: producer.pending == 0, timeout=15, what="queue drained")
     await poll_http(
         second,
         lambda w: w["records_total"] == producer.sent - sent_before_restart,

@@ -7,14 +7,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from registry_client.demo import load_reference
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
-from tests.integration.test_drift import Sidecar, spawn_sidecar
+from tests.support.polling import eventually
+from tests.support.processes import Sidecar, spawn_sidecar
+from tests.support.requests import infer_request
 
 
 def _windows(sidecar: Sidecar) -> dict[tuple[str, str, str], dict[str, object]]:
@@ -33,8 +34,7 @@ async def test_served_predictions_reach_the_sidecar_with_their_route_role(
     try:
         await _serve_and_check(start_app, demo_registry, tmp_path, sidecar)
     finally:
-        sidecar.proc.kill()
-        sidecar.proc.wait()
+        sidecar.kill()
 
 
 async def _serve_and_check(
@@ -52,20 +52,24 @@ async def _serve_and_check(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for start in range(0, 300, 3):
-            request = pb.ModelInferRequest(model_name="churn", id=f"r{start}")
-            request.inputs.add(name="input", datatype="FP32", shape=[3, 15])
-            request.raw_input_contents.append(np.ascontiguousarray(X[start : start + 3]).tobytes())
+            request = infer_request(X[start : start + 3], "churn", id=f"r{start}")
             await stub.ModelInfer(request, timeout=10)
     assert app.drift is not None
-    deadline = asyncio.get_running_loop().time() + 20
-    while True:
+    drift = app.drift
+
+    async def counted() -> bool:
         windows = await asyncio.to_thread(_windows, sidecar)
         primary = windows.get(("churn", "1", "primary"), {})
         shadow = windows.get(("churn", "2", "shadow"), {})
-        if primary.get("rows_total") == 300 and shadow.get("rows_total") == 300:
-            break
-        assert asyncio.get_running_loop().time() < deadline, (windows.keys(), app.drift.counters())
-        await asyncio.sleep(0.05)
+        return primary.get("rows_total") == 300 and shadow.get("rows_total") == 300
+
+    await eventually(
+        counted,
+        timeout=20,
+        what="300 rows in the primary and the shadow windows",
+        every=0.05,
+        detail=lambda: (_windows(sidecar).keys(), drift.counters()),
+    )
     counters = app.drift.counters()
     assert counters["dropped_full"] == 0
     assert counters["sent"] == 200
@@ -92,9 +96,7 @@ async def test_tagged_load_stays_out_of_drift_and_shadow_statistics(
         X, _ = load_reference(demo_registry, "churn", "1")
 
         def request(i: int, tag: str = "", drift: object = None) -> pb.ModelInferRequest:
-            r = pb.ModelInferRequest(model_name="churn", id=f"r{i}")
-            r.inputs.add(name="input", datatype="FP32", shape=[3, 15])
-            r.raw_input_contents.append(np.ascontiguousarray(X[3 * i : 3 * i + 3]).tobytes())
+            r = infer_request(X[3 * i : 3 * i + 3], "churn", id=f"r{i}")
             if tag:
                 r.parameters["traffic"].string_param = tag
             if isinstance(drift, bool):
@@ -124,16 +126,23 @@ async def test_tagged_load_stays_out_of_drift_and_shadow_statistics(
         await mirror.join()
         assert {p.request_id for p in app.pair_log.pairs()} == {f"r{i}" for i in range(50, 70)}
         assert app.drift is not None
-        deadline = asyncio.get_running_loop().time() + 20
-        while True:  # 20 live requests of 3 rows, as primary and as shadow
-            windows = await asyncio.to_thread(_windows, sidecar)
-            rows = [windows.get(k, {}).get("rows_total") for k in
+        drift = app.drift
+
+        def rows() -> list[object]:
+            windows = _windows(sidecar)
+            return [windows.get(k, {}).get("rows_total") for k in
                     (("churn", "1", "primary"), ("churn", "2", "shadow"))]  # fmt: skip
-            if rows == [60, 60]:
-                break
-            assert asyncio.get_running_loop().time() < deadline, (rows, app.drift.counters())
-            await asyncio.sleep(0.05)
+
+        async def counted() -> bool:  # 20 live requests of 3 rows, as primary and as shadow
+            return await asyncio.to_thread(rows) == [60, 60]
+
+        await eventually(
+            counted,
+            timeout=20,
+            what="60 rows in the primary and the shadow windows",
+            every=0.05,
+            detail=lambda: (rows(), drift.counters()),
+        )
         assert app.drift.counters()["sent"] == 40
     finally:
-        sidecar.proc.kill()
-        sidecar.proc.wait()
+        sidecar.kill()

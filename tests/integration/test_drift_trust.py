@@ -8,32 +8,24 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server._proto import drift_pb2 as pb
 from server._proto import drift_pb2_grpc as pb_grpc
 from server.drift import report as drift_report
 from server.drift.producer import DriftProducer
-from tests.integration.test_drift import Sidecar, drifted_rows, spawn_sidecar, until
+from tests.integration.test_drift import drifted_rows
+from tests.support.metrics import Samples
+from tests.support.metrics import scrape as metrics_scrape
+from tests.support.polling import eventually
+from tests.support.processes import Sidecar, spawn_sidecar
 
 TOKEN = "s3cret-drift-token"
 WINDOW = (("model", "churn"), ("role", "primary"), ("version", "1"))
-
-
-@pytest.fixture
-def sidecars() -> Iterator[list[Sidecar]]:
-    started: list[Sidecar] = []
-    yield started
-    for sidecar in started:
-        if sidecar.proc.poll() is None:
-            sidecar.proc.kill()
-            sidecar.proc.wait()
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -78,13 +70,8 @@ def http(sidecar: Sidecar, path: str, token: str | None = None) -> tuple[int, by
         return exc.code, exc.read()
 
 
-def scrape(sidecar: Sidecar) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    _, body = http(sidecar, "/metrics")
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
+def scrape(sidecar: Sidecar) -> Samples:
+    return metrics_scrape(sidecar.http_port)
 
 
 def forged_batch(n: int) -> pb.PredictionBatch:
@@ -192,7 +179,7 @@ async def test_a_token_guards_records_labels_and_refreshes_and_the_producer_send
     await producer.start()
     for i in range(300):
         producer.record("churn", "1", "primary", f"r{i}", "", X[i], proba[i], predicted[i : i + 1])
-    await until(lambda: producer.sent == 300, what="the producer's records sent")
+    await eventually(lambda: producer.sent == 300, timeout=15, what="the producer's records sent")
     await producer.stop()
     assert producer.dropped_total() == 0
     status, body = await asyncio.to_thread(http, sidecar, "/report.json?refresh=1", TOKEN)
@@ -228,8 +215,9 @@ async def test_a_producer_with_the_wrong_token_is_never_connected_and_says_why(
     await producer.start()
     producer.record("churn", "1", "primary", "r0", "", np.zeros(15), np.array([0.5]))
     caplog.set_level("WARNING", logger="server.drift.producer")
-    await until(
+    await eventually(
         lambda: any("unreachable" in r.getMessage() for r in caplog.records),
+        timeout=15,
         what="the producer's unreachable warning",
     )
     assert not producer.connected
@@ -252,16 +240,13 @@ async def test_label_memory_is_bounded_in_bytes_and_what_it_pushes_out_is_counte
     await producer.start()
     for i in range(n):
         producer.record("churn", "1", "primary", ids[i], "", X[i], proba[i], predicted[i : i + 1])
-    await until(lambda: producer.sent == n, what="all records sent")
+    await eventually(lambda: producer.sent == n, timeout=15, what="all records sent")
     await producer.stop()
 
     async def ingested() -> bool:
         return bool(scrape(sidecar).get(("batchline_drift_records_total", WINDOW)) == n)
 
-    deadline = asyncio.get_running_loop().time() + 15
-    while not await ingested():
-        assert asyncio.get_running_loop().time() < deadline, "records not ingested"
-        await asyncio.sleep(0.05)
+    await eventually(ingested, timeout=15, what="records ingested", every=0.05)
     metrics = scrape(sidecar)
     held = metrics["batchline_drift_pending_label_bytes", ()]
     rows = metrics["batchline_drift_pending_label_rows", ()]

@@ -24,7 +24,10 @@ from server.app import App, open_feature_store
 from server.features.materialize import materialize, read_rows
 from server.features.store import FeatureLookup
 from server.features.view import Feature, FeatureView
-from tests.integration.conftest import RedisServer, register_with_attachment
+from tests.support.models import register_with_attachment
+from tests.support.polling import eventually
+from tests.support.processes import RedisServer
+from tests.support.requests import entity_request, infer_request, probabilities
 
 FEATURES = tuple(f"f{i}" for i in range(15))
 
@@ -62,31 +65,6 @@ def _registry_with_view(demo_registry: Path, tmp_path: Path, view: FeatureView) 
     shutil.copytree(demo_registry, root)
     register_with_attachment(root, "churn", "1", "feature_view.json", view.to_json())
     return root
-
-
-def _entity_request(ids: list[str]) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="churn", id="e")
-    tensor = request.inputs.add(name="customer_id", datatype="BYTES", shape=[len(ids)])
-    tensor.contents.bytes_contents.extend(i.encode() for i in ids)
-    return request
-
-
-def _inline_request(matrix: np.ndarray) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="churn", id="i")
-    request.inputs.add(name="input", datatype="FP32", shape=list(matrix.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
-    return request
-
-
-def _probabilities(reply: pb.ModelInferResponse) -> np.ndarray:
-    for i, out in enumerate(reply.outputs):
-        if out.name == "probabilities":
-            if reply.raw_output_contents:
-                data = np.frombuffer(reply.raw_output_contents[i], dtype=np.float32)
-            else:
-                data = np.array(out.contents.fp32_contents, dtype=np.float32)
-            return data.reshape(tuple(out.shape))
-    raise AssertionError("no probabilities in the reply")
 
 
 @pytest.mark.parametrize("kind", ["redis", "sqlite"])
@@ -147,13 +125,13 @@ async def test_entity_keyed_request_answers_like_the_same_features_sent_inline(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         ids = ["c0", "c5", "c7", "nobody", "c8"]
-        by_entity = await stub.ModelInfer(_entity_request(ids), timeout=10)
+        by_entity = await stub.ModelInfer(entity_request(ids, id="e"), timeout=10)
         expected_rows = np.vstack([filled[0], filled[5], filled[7], view.defaults, filled[8]])
-        inline = await stub.ModelInfer(_inline_request(expected_rows), timeout=10)
-        np.testing.assert_array_equal(_probabilities(by_entity), _probabilities(inline))
+        inline = await stub.ModelInfer(infer_request(expected_rows, id="i"), timeout=10)
+        np.testing.assert_array_equal(probabilities(by_entity), probabilities(inline))
         # Rows 2 and 4 had a bad value filled in, row 3 is an unknown entity.
         assert by_entity.parameters["defaulted_rows"].string_param == "2,3,4"
-        clean = await stub.ModelInfer(_entity_request(["c1", "c2"]), timeout=10)
+        clean = await stub.ModelInfer(entity_request(["c1", "c2"], id="e"), timeout=10)
         assert "defaulted_rows" not in clean.parameters
     assert app.feature_metrics is not None
     assert app.feature_metrics.filled_values.labels("churn", "1").value == 2
@@ -192,7 +170,7 @@ async def test_a_million_entity_ids_are_refused_from_the_header_before_decoding(
             await stub.ModelInfer(extra, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "more than the 1 BYTES elements" in (err.value.details() or "")
-        await stub.ModelInfer(_entity_request(["c1"]), timeout=10)
+        await stub.ModelInfer(entity_request(["c1"], id="e"), timeout=10)
 
 
 async def test_strict_view_answers_not_found_naming_the_unknown_ids(
@@ -207,12 +185,12 @@ async def test_strict_view_answers_not_found_naming_the_unknown_ids(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelInfer(_entity_request(["c1", "ghost-1", "ghost-2"]), timeout=10)
+            await stub.ModelInfer(entity_request(["c1", "ghost-1", "ghost-2"], id="e"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "ghost-1" in (err.value.details() or "")
         assert "ghost-2" in (err.value.details() or "")
         assert "customer_id" in (err.value.details() or "")
-        ok = await stub.ModelInfer(_entity_request(["c1"]), timeout=10)
+        ok = await stub.ModelInfer(entity_request(["c1"], id="e"), timeout=10)
         assert ok.model_version == "1"
 
 
@@ -230,7 +208,7 @@ async def test_concurrent_lookups_share_round_trips(
     assert metrics is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        requests = [_entity_request([f"c{i % 300}"]) for i in range(64 * 8)]
+        requests = [entity_request([f"c{i % 300}"], id="e") for i in range(64 * 8)]
 
         async def client(chunk: list[pb.ModelInferRequest]) -> None:
             for request in chunk:
@@ -256,31 +234,34 @@ async def test_redis_down_answers_unavailable_fast_and_recovers_without_restart(
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        await stub.ModelInfer(_entity_request(["c1"]), timeout=10)
+        await stub.ModelInfer(entity_request(["c1"], id="e"), timeout=10)
         redis_server.kill()
         start = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelInfer(_entity_request(["c1"]), timeout=10)
+            await stub.ModelInfer(entity_request(["c1"], id="e"), timeout=10)
         assert time.monotonic() - start < 1.0
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"127.0.0.1:{redis_server.port}" in (err.value.details() or "")
         # Inline requests do not need the store and keep working.
-        await stub.ModelInfer(_inline_request(np.zeros((1, 15), np.float32)), timeout=10)
+        await stub.ModelInfer(infer_request(np.zeros((1, 15), np.float32), id="i"), timeout=10)
         redis_server.start()
         store = open_feature_store(redis_server.url)
         await materialize(_view(), read_rows(entity_table), store)
         await store.close()
-        reply = None
+        replies: list[pb.ModelInferResponse] = []
         codes_while_reconnecting = []
-        for _ in range(100):  # bounded poll: the client reconnects on its own
+
+        async def answered() -> bool:  # the client reconnects on its own
             try:
-                reply = await stub.ModelInfer(_entity_request(["c1"]), timeout=10)
-                break
+                replies.append(await stub.ModelInfer(entity_request(["c1"], id="e"), timeout=10))
             except grpc.aio.AioRpcError as exc:
                 codes_while_reconnecting.append(exc.code())
-                await asyncio.sleep(0.02)
+                return False
+            return True
+
+        await eventually(answered, timeout=10, what="an answer once redis-server is back")
         assert set(codes_while_reconnecting) <= {grpc.StatusCode.UNAVAILABLE}
-        assert reply is not None
+        (reply,) = replies
         assert "defaulted_rows" not in reply.parameters
 
 
@@ -303,17 +284,17 @@ async def test_a_hung_store_times_out_per_lookup_and_a_defaults_view_falls_back(
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        await stub.ModelInfer(_entity_request(["c1"]), timeout=10)
+        await stub.ModelInfer(entity_request(["c1"], id="e"), timeout=10)
         redis_server.pause()
         start = time.monotonic()
-        reply = await stub.ModelInfer(_entity_request(["c1", "c2"]), timeout=10)
+        reply = await stub.ModelInfer(entity_request(["c1", "c2"], id="e"), timeout=10)
         elapsed = time.monotonic() - start
         redis_server.resume()
         assert elapsed < 1.0
         assert reply.parameters["features_fallback"].string_param == "defaults"
         assert reply.parameters["defaulted_rows"].string_param == "0,1"
-        inline = await stub.ModelInfer(_inline_request(view.default_matrix(2)), timeout=10)
-        np.testing.assert_array_equal(_probabilities(reply), _probabilities(inline))
+        inline = await stub.ModelInfer(infer_request(view.default_matrix(2), id="i"), timeout=10)
+        np.testing.assert_array_equal(probabilities(reply), probabilities(inline))
 
 
 async def test_entity_request_without_a_configured_store_names_the_setting(
@@ -324,7 +305,7 @@ async def test_entity_request_without_a_configured_store_names_the_setting(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelInfer(_entity_request(["c1"]), timeout=10)
+            await stub.ModelInfer(entity_request(["c1"], id="e"), timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "server.feature_store" in (err.value.details() or "")
 

@@ -17,10 +17,9 @@ import json
 import ssl
 import struct
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_http_aio
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from registry_client import FileRegistry
@@ -40,10 +38,13 @@ from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App, open_feature_store
 from server.features.materialize import materialize, read_rows
 from server.features.view import FeatureView
-from tests.integration.conftest import ServerProcess
-from tests.integration.faults import registry_with_failing_churn, rows
+from tests.support.apps import AppFactory
+from tests.support.metrics import scrape_async
+from tests.support.models import registry_with_failing_churn, rows
+from tests.support.polling import eventually
+from tests.support.processes import ServerProcess
+from tests.support.requests import binary_body, infer_json, infer_request
 
-AppFactory = Callable[..., Awaitable[App]]
 TIMEOUT = 30.0
 
 
@@ -109,38 +110,6 @@ async def call(port: int, method: str, path: str, body: Any = None, **kw: Any) -
     if isinstance(body, dict):
         body = json.dumps(body).encode()
     return await asyncio.to_thread(_request, port, method, path, body, **kw)
-
-
-def infer_json(x: np.ndarray, **extra: Any) -> dict[str, Any]:
-    return {
-        "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}
-        ],
-        **extra,
-    }
-
-
-def binary_body(
-    x: np.ndarray, outputs: list[dict[str, Any]] | None = None
-) -> tuple[bytes, dict[str, str]]:
-    raw = np.ascontiguousarray(x, dtype=np.float32).tobytes()
-    head: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ]
-    }
-    if outputs is not None:
-        head["outputs"] = outputs
-    header = json.dumps(head).encode()
-    return header + raw, {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
 
 
 def binary_outputs(reply: Reply) -> dict[str, np.ndarray]:
@@ -597,10 +566,7 @@ async def test_shed_requests_get_429(start_app: AppFactory) -> None:
         call(app.http_port, "POST", "/v2/models/churn/infer", infer_json(rows(1, False)))
     )
     served = app.models.get("churn")
-    deadline = time.monotonic() + TIMEOUT
-    while served.in_flight < 1:
-        assert time.monotonic() < deadline, "the first request never arrived"
-        await asyncio.sleep(0.01)
+    await eventually(lambda: served.in_flight >= 1, timeout=TIMEOUT, what="the first request")
     shed = await call(app.http_port, "POST", "/v2/models/churn/infer", infer_json(rows(1, False)))
     assert shed.status == 429
     assert "max_in_flight 1" in shed.error
@@ -615,15 +581,10 @@ async def test_draining_answers_503_and_the_accepted_request_still_completes(
         call(app.http_port, "POST", "/v2/models/churn/infer", infer_json(rows(1, False)))
     )
     served = app.models.get("churn")
-    deadline = time.monotonic() + TIMEOUT
-    while served.in_flight < 1:
-        assert time.monotonic() < deadline, "the first request never arrived"
-        await asyncio.sleep(0.01)
+    await eventually(lambda: served.in_flight >= 1, timeout=TIMEOUT, what="the first request")
     stopping = asyncio.create_task(app.stop())
-    for _ in range(3000):  # stop() turns readiness off before its first await
-        if not app.ready:
-            break
-        await asyncio.sleep(0.01)
+    # stop() turns readiness off before its first await
+    await eventually(lambda: not app.ready, timeout=TIMEOUT, what="readiness off")
     assert not app.ready
     ready = await call(app.http_port, "GET", "/v2/health/ready")
     assert (ready.status, ready.json()) == (503, {"ready": False})
@@ -689,9 +650,7 @@ async def test_http_and_grpc_requests_share_one_batch(start_app: AppFactory) -> 
     """3 rows over gRPC and 5 over HTTP wait for the preferred batch of 8: the statistics show
     exactly one execution of 8 rows, which only the two together could fill."""
     app = await start_app(models=("churn@production",), **HOLD)
-    request = pb.ModelInferRequest(model_name="churn")
-    request.inputs.add(name="input", datatype="FP32", shape=[3, 15])
-    request.raw_input_contents.append(rows(3, False).tobytes())
+    request = infer_request(rows(3, False), "churn")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         grpc_reply, http_reply = await asyncio.gather(
@@ -705,18 +664,11 @@ async def test_http_and_grpc_requests_share_one_batch(start_app: AppFactory) -> 
     assert stats["inference_count"] == 8
     assert [b["batch_size"] for b in stats["batch_stats"]] == [8]
     assert stats["inference_stats"]["success"]["count"] == 2
-    text = await asyncio.to_thread(
-        lambda: (
-            urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=TIMEOUT)
-            .read()
-            .decode()
-        )
-    )
+    samples = await scrape_async(app.metrics_port)
     ok = {
-        s.labels["protocol"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "batchline_requests_total" and s.labels["status"] == "OK"
+        dict(labels)["protocol"]: value
+        for (name, labels), value in samples.items()
+        if name == "batchline_requests_total" and dict(labels)["status"] == "OK"
     }
     assert ok == {"grpc": 1.0, "http": 1.0}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from registry_client import FileRegistry
 from registry_client.demo import Holdout, load_holdout
@@ -27,7 +25,10 @@ from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.models import ServedModel
-from tests.integration.conftest import AppFactory
+from tests.support.apps import AppFactory
+from tests.support.metrics import scrape_async
+from tests.support.polling import eventually
+from tests.support.requests import infer_request, outputs_of
 
 MLP = "churn_mlp"
 MLP_REF = "churn_mlp@production"
@@ -37,37 +38,10 @@ TIMEOUT = 10.0
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def infer_request(
-    rows: np.ndarray, model: str = MLP, *, id: str = "", version: str = ""
-) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model, model_version=version, id=id)
-    request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
-    return request
-
-
-def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    dtypes = {"FP32": np.float32, "INT64": np.int64}
-    return {
-        out.name: np.frombuffer(raw, dtype=dtypes[out.datatype]).reshape(tuple(out.shape))
-        for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-    }
-
-
 def assert_rows_match(response: pb.ModelInferResponse, expected: dict[str, np.ndarray]) -> None:
     got = outputs_of(response)
     np.testing.assert_array_equal(got["label"], expected["label"])
     np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=1e-5)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, within: float = TIMEOUT) -> None:
-    """Poll a condition (bounded): the synchronisation tests use instead of sleeping."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 class ExecutorPlug:
@@ -153,8 +127,12 @@ async def plug_with_one_request(
     everything sent afterwards waits in the queue until the plug is released."""
     served = served_mlp(app)
     plug = plugs(served)
-    first = stub.ModelInfer(infer_request(rows, id="plug"), timeout=TIMEOUT)
-    await wait_until(lambda: served.batcher.in_flight == 1, "the plug request's batch to start")
+    first = stub.ModelInfer(infer_request(rows, MLP, id="plug"), timeout=TIMEOUT)
+    await eventually(
+        lambda: served.batcher.in_flight == 1,
+        timeout=TIMEOUT,
+        what="the plug request's batch to start",
+    )
     return plug, first
 
 
@@ -176,7 +154,7 @@ async def test_64_concurrent_callers_are_batched_and_each_gets_its_own_rows_in_o
 
     responses = await asyncio.gather(
         *(
-            executor_stub.ModelInfer(infer_request(rows, id=f"r{i}"), timeout=TIMEOUT)
+            executor_stub.ModelInfer(infer_request(rows, MLP, id=f"r{i}"), timeout=TIMEOUT)
             for i, rows in enumerate(slices)
         )
     )
@@ -206,8 +184,12 @@ async def test_requests_with_different_row_counts_share_one_batch_and_are_split_
     for n in counts:
         slices.append(holdout.X[start : start + n])
         start += n
-    calls = [executor_stub.ModelInfer(infer_request(rows), timeout=TIMEOUT) for rows in slices]
-    await wait_until(lambda: served.batcher.queued_rows == sum(counts), "all rows to be queued")
+    calls = [executor_stub.ModelInfer(infer_request(rows, MLP), timeout=TIMEOUT) for rows in slices]
+    await eventually(
+        lambda: served.batcher.queued_rows == sum(counts),
+        timeout=TIMEOUT,
+        what="all rows to be queued",
+    )
 
     plug.release()
     responses = await asyncio.gather(*calls)
@@ -226,7 +208,9 @@ async def test_requests_with_different_row_counts_share_one_batch_and_are_split_
 async def test_explicit_model_version_1_is_served(
     stub: pb_grpc.GRPCInferenceServiceStub, holdout: Holdout
 ) -> None:
-    response = await stub.ModelInfer(infer_request(holdout.X[:2], version="1"), timeout=TIMEOUT)
+    response = await stub.ModelInfer(
+        infer_request(holdout.X[:2], MLP, version="1"), timeout=TIMEOUT
+    )
 
     assert (response.model_name, response.model_version) == (MLP, "1")
     assert outputs_of(response)["probabilities"].shape == (2, 2)
@@ -236,7 +220,7 @@ async def test_unknown_model_version_is_not_found_and_named(
     stub: pb_grpc.GRPCInferenceServiceStub, holdout: Holdout
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ModelInfer(infer_request(holdout.X[:1], version="42"), timeout=TIMEOUT)
+        await stub.ModelInfer(infer_request(holdout.X[:1], MLP, version="42"), timeout=TIMEOUT)
 
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "'42'" in (err.value.details() or "")
@@ -259,7 +243,7 @@ async def test_request_over_max_batch_size_is_invalid_argument_naming_max_batch_
     async with channel_to(app) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ModelInfer(infer_request(holdout.X[:9]), timeout=TIMEOUT)
+            await stub.ModelInfer(infer_request(holdout.X[:9], MLP), timeout=TIMEOUT)
 
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_batch_size" in (err.value.details() or "")
@@ -280,10 +264,12 @@ async def test_full_queue_answers_resource_exhausted_at_once_and_accepted_reques
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         plug, first = await plug_with_one_request(app, stub, plugs, holdout.X[:1])
         flood = [holdout.X[10 + i : 11 + i] for i in range(20)]
-        calls = [stub.ModelInfer(infer_request(rows), timeout=TIMEOUT) for rows in flood]
+        calls = [stub.ModelInfer(infer_request(rows, MLP), timeout=TIMEOUT) for rows in flood]
 
         # The 16 that do not fit are answered while the model is still held: nobody waited.
-        await wait_until(lambda: sum(c.done() for c in calls) == 16, "16 rejections")
+        await eventually(
+            lambda: sum(c.done() for c in calls) == 16, timeout=TIMEOUT, what="16 rejections"
+        )
         assert served.batcher.queued_rows == 4
         for call in calls:
             if call.done():
@@ -292,7 +278,9 @@ async def test_full_queue_answers_resource_exhausted_at_once_and_accepted_reques
 
         plug.release()
         await first
-        await wait_until(lambda: all(c.done() for c in calls), "every call to be answered")
+        await eventually(
+            lambda: all(c.done() for c in calls), timeout=TIMEOUT, what="every call to be answered"
+        )
         accepted = [
             (rows, call)
             for rows, call in zip(flood, calls, strict=True)
@@ -313,15 +301,17 @@ async def test_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded
     plug, first = await plug_with_one_request(executor_app, executor_stub, plugs, holdout.X[:1])
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await executor_stub.ModelInfer(infer_request(holdout.X[1:6]), timeout=0.2)
+        await executor_stub.ModelInfer(infer_request(holdout.X[1:6], MLP), timeout=0.2)
 
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await wait_until(
-        lambda: served.batcher.queued_rows == 0, "the expired request to leave the queue"
+    await eventually(
+        lambda: served.batcher.queued_rows == 0,
+        timeout=TIMEOUT,
+        what="the expired request to leave the queue",
     )
     plug.release()
     await first
-    after = await executor_stub.ModelInfer(infer_request(holdout.X[6:8]), timeout=TIMEOUT)
+    after = await executor_stub.ModelInfer(infer_request(holdout.X[6:8], MLP), timeout=TIMEOUT)
     assert outputs_of(after)["label"].shape == (2,)
     stats = await statistics(executor_stub)
     assert (
@@ -339,12 +329,16 @@ async def test_cancelling_one_caller_leaves_its_batch_mates_correct_and_the_serv
     served = served_mlp(executor_app)
     plug, first = await plug_with_one_request(executor_app, executor_stub, plugs, holdout.X[:1])
     slices = [holdout.X[20:22], holdout.X[30:33], holdout.X[40:41]]
-    calls = [executor_stub.ModelInfer(infer_request(rows), timeout=TIMEOUT) for rows in slices]
-    await wait_until(lambda: served.batcher.queued_rows == 6, "three callers queued")
+    calls = [executor_stub.ModelInfer(infer_request(rows, MLP), timeout=TIMEOUT) for rows in slices]
+    await eventually(
+        lambda: served.batcher.queued_rows == 6, timeout=TIMEOUT, what="three callers queued"
+    )
 
     calls[1].cancel()
-    await wait_until(
-        lambda: served.batcher.queued_rows == 3, "the server to drop the cancelled rows"
+    await eventually(
+        lambda: served.batcher.queued_rows == 3,
+        timeout=TIMEOUT,
+        what="the server to drop the cancelled rows",
     )
     plug.release()
 
@@ -353,12 +347,13 @@ async def test_cancelling_one_caller_leaves_its_batch_mates_correct_and_the_serv
     assert_rows_match(await calls[0], reference(slices[0]))
     assert_rows_match(await calls[2], reference(slices[2]))
     await first
-    await wait_until(
+    await eventually(
         lambda: (
             (executor_app.pipeline.in_flight, served.batcher.queued_rows, served.batcher.in_flight)
             == (0, 0, 0)
         ),
-        "queue and in-flight to return to 0",
+        timeout=TIMEOUT,
+        what="queue and in-flight to return to 0",
     )
     stats = await statistics(executor_stub)
     assert stats.inference_count == 1 + 2 + 1
@@ -375,8 +370,8 @@ async def test_stream_answers_every_request_by_id_and_survives_a_bad_one(
     call = stub.ModelStreamInfer(timeout=TIMEOUT)
     sent = {f"good-{i}": holdout.X[50 + 3 * i : 52 + 3 * i] for i in range(6)}
     for request_id, rows in sent.items():
-        await call.write(infer_request(rows, id=request_id))
-    bad = infer_request(holdout.X[:1], id="bad")
+        await call.write(infer_request(rows, MLP, id=request_id))
+    bad = infer_request(holdout.X[:1], MLP, id="bad")
     bad.inputs[0].datatype = "FP64"
     await call.write(bad)
 
@@ -386,7 +381,7 @@ async def test_stream_answers_every_request_by_id_and_survives_a_bad_one(
         assert reply is not grpc.aio.EOF
         replies[reply.infer_response.id] = reply
     # The stream is still open after the error: one more request, one more answer.
-    await call.write(infer_request(holdout.X[90:91], id="after"))
+    await call.write(infer_request(holdout.X[90:91], MLP, id="after"))
     after = await call.read()
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
@@ -420,23 +415,17 @@ async def test_metrics_endpoint_counts_requests_by_status_and_batch_sizes_after_
     app: App, stub: pb_grpc.GRPCInferenceServiceStub, holdout: Holdout
 ) -> None:
     await asyncio.gather(
-        *(stub.ModelInfer(infer_request(holdout.X[i : i + 2]), timeout=TIMEOUT) for i in range(5))
+        *(
+            stub.ModelInfer(infer_request(holdout.X[i : i + 2], MLP), timeout=TIMEOUT)
+            for i in range(5)
+        )
     )
-    bad = infer_request(holdout.X[:1])
+    bad = infer_request(holdout.X[:1], MLP)
     bad.inputs[0].shape[:] = [1, 14]
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.ModelInfer(bad, timeout=TIMEOUT)
 
-    url = f"http://127.0.0.1:{app.metrics_port}/metrics"
-    text = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(url, timeout=TIMEOUT).read().decode()
-    )
-
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = await scrape_async(app.metrics_port)
     requests = {
         labels: value
         for (name, labels), value in samples.items()

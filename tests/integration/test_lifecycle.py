@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -17,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from registry_client.demo import load_holdout
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import ROOT, ServerProcess, spawn_server
+from tests.support.metrics import metric, scrape
+from tests.support.polling import eventually_blocking
+from tests.support.processes import ROOT, ServerProcess, spawn_server
+from tests.support.requests import infer_request
 
 GRACE_S = 10.0
 CALL_TIMEOUT = 30.0
@@ -40,13 +40,6 @@ def batchline(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[
         timeout=timeout,
         check=False,
     )
-
-
-def infer_request(rows: np.ndarray, model: str = "churn_mlp", id: str = "") -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model, id=id)
-    request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
-    return request
 
 
 @pytest.fixture
@@ -73,20 +66,17 @@ def wait_unready(stub: pb_grpc.GRPCInferenceServiceStub, until: float) -> bool:
 
 
 def queued_rows(server: ServerProcess, model: str) -> float:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=CALL_TIMEOUT).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "batchline_queue_rows" and sample.labels.get("model") == model:
-                return sample.value
-    return 0.0
+    samples = scrape(server.metrics_port, timeout_s=CALL_TIMEOUT)
+    return metric(samples, "batchline_queue_rows", model=model)
 
 
 def wait_for_queued_rows(server: ServerProcess, model: str, rows: int) -> None:
-    deadline = time.monotonic() + CALL_TIMEOUT
-    while queued_rows(server, model) != rows:
-        assert time.monotonic() < deadline, f"{model} never had {rows} rows queued"
-        time.sleep(0.01)  # poll interval of a bounded condition loop
+    eventually_blocking(
+        lambda: queued_rows(server, model) == rows,
+        timeout=CALL_TIMEOUT,
+        what=f"{model} having {rows} rows queued",
+        every=0.01,
+    )
 
 
 @dataclass
@@ -121,7 +111,9 @@ def test_sigterm_under_load_answers_every_call_ok_or_unavailable_and_exits_0(
         rows = X[(5 * i) % 1000 : (5 * i) % 1000 + 1 + i % 4]
         started = time.monotonic()
         try:
-            reply = stub.ModelInfer(infer_request(rows, id=str(i)), timeout=CALL_TIMEOUT)
+            reply = stub.ModelInfer(
+                infer_request(rows, "churn_mlp", id=str(i)), timeout=CALL_TIMEOUT
+            )
             outcome = Outcome(grpc.StatusCode.OK, "", started, time.monotonic())
             assert reply.id == str(i)
             assert list(reply.outputs[1].shape) == [len(rows), 2]

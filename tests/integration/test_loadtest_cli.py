@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +18,8 @@ import pytest
 from loadtest.payload import infer_request_for_model
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
+from tests.support.processes import ROOT, free_port, spawn_echo
 
-ROOT = Path(__file__).resolve().parents[2]
 UNARY = "inference.GRPCInferenceService/ModelInfer"
 STREAM = "inference.GRPCInferenceService/ModelStreamInfer"
 CLI_TIMEOUT_S = 90
@@ -30,33 +28,8 @@ CLI_TIMEOUT_S = 90
 @pytest.fixture(scope="module")
 def echo_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """An echo server on a free port; stopped with SIGTERM, and it must exit 0."""
-    ready = tmp_path_factory.mktemp("echo") / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.echo_server", "--port", "0", "--ready-file", str(ready)],
-        cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if time.monotonic() > deadline:
-                pytest.fail("echo server wrote no ready file within 30 s")
-            try:
-                proc.wait(timeout=0.05)  # doubles as the poll interval
-            except subprocess.TimeoutExpired:
-                continue
-            pytest.fail(f"echo server exited early with code {proc.returncode}")
-        info = json.loads(ready.read_text())
-        assert info["pid"] == proc.pid
-        yield int(info["grpc_port"])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail("echo server ignored SIGTERM")
-    assert proc.returncode == 0
+    with spawn_echo(tmp_path_factory.mktemp("echo")) as port:
+        yield port
 
 
 def _loadtest(*args: str) -> subprocess.CompletedProcess[str]:
@@ -164,16 +137,9 @@ def test_rate_limit_caps_requests_per_second(echo_port: int) -> None:
     assert report["rps"] < 240  # 100 calls at 200/s take ~0.5 s
 
 
-def _unused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 @pytest.mark.parametrize("call", [UNARY, STREAM])
 def test_unreachable_server_counts_unavailable_instead_of_hanging(call: str) -> None:
-    port = _unused_port()
+    port = free_port()
     report = _report(
         f"127.0.0.1:{port}",
         "--call",

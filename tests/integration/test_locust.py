@@ -16,7 +16,7 @@ import pytest
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import ROOT, ServerProcess, spawn_server
+from tests.support.processes import ROOT, ServerProcess, serving
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 RUN_S = 4
@@ -28,11 +28,10 @@ LIMIT_S = 60
 def server(
     demo_registry: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    process = spawn_server(
+    with serving(
         demo_registry, tmp_path_factory.mktemp("locust"), "--model", "churn@production"
-    )
-    yield process
-    assert process.terminate() == 0, process.log.read_text()
+    ) as process:
+        yield process
 
 
 def locust_binary() -> str:

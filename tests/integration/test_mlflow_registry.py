@@ -7,19 +7,13 @@ it back on the same port. Every test registers under its own model name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,79 +39,8 @@ from registry_client import (
 from registry_client.cli import main as registry_cli
 from registry_client.http import HttpStatusError, JsonHttpClient
 from registry_client.mlflow_registry import ALIAS_HISTORY_TAG, API, FILES_TAG, MANIFEST_TAG
-
-STARTUP_TIMEOUT_S = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class MlflowServer:
-    """An `mlflow server` subprocess on a fixed port, killable and restartable."""
-
-    root: Path
-    port: int = field(default_factory=_free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    startup_s: list[float] = field(default_factory=list)
-    _started_at: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "mlflow.log"
-
-    def launch(self) -> None:
-        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-        cmd = [
-            mlflow, "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1",
-        ]  # fmt: skip
-        # No background job runner: it forks several huey consumers that tests never need.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,  # its own process group: uvicorn workers die with it
-            )  # fmt: skip
-        self._started_at = time.monotonic()
-
-    def wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = self._started_at + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited {self.proc.returncode}:\n{self._tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"mlflow server not up in {STARTUP_TIMEOUT_S}s:\n{self._tail()}")
-            time.sleep(0.1)
-        self.startup_s.append(time.monotonic() - self._started_at)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait()
-
-    def _tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+from tests.support.processes import MlflowServer, free_port
+from tests.support.requests import infer_request
 
 
 @pytest.fixture(scope="session")
@@ -401,7 +324,7 @@ def test_cli_round_trip_against_mlflow(
 
 
 def test_refused_connection_is_retried_then_unavailable_naming_the_url() -> None:
-    port = _free_port()  # nothing listens there now
+    port = free_port()  # nothing listens there now
     sleeps: list[float] = []
     client = JsonHttpClient(f"http://127.0.0.1:{port}", retries=3, sleep=sleeps.append)
     with pytest.raises(RegistryUnavailable, match=f"http://127.0.0.1:{port}") as exc:
@@ -565,7 +488,6 @@ async def test_server_serves_from_mlflow_and_follows_an_alias_move_under_load(
     import grpc
     import numpy as np
 
-    from server._proto import inference_pb2 as pb
     from server._proto import inference_pb2_grpc as pb_grpc
 
     first = copy_in(registry, name, demo.get_version("churn", "1"))
@@ -576,9 +498,7 @@ async def test_server_serves_from_mlflow_and_follows_an_alias_move_under_load(
         registry="mlflow+" + registry.base_url,
         server={"registry_cache_dir": str(tmp_path / "server-cache")},
     )
-    request = pb.ModelInferRequest(model_name=name)
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-    request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+    request = infer_request(np.zeros((1, 15), np.float32), name)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert (await stub.ModelInfer(request, timeout=10)).model_version == first.version
@@ -625,7 +545,7 @@ def test_register_uploads_external_data_and_attachments_and_fetch_verifies_each(
     import onnxruntime as ort
 
     from registry_client.demo import load_holdout
-    from tests.integration.faults import tamper_in_place, with_external_data
+    from tests.support.models import tamper_in_place, with_external_data
 
     v1 = demo.get_version("churn_mlp", "1")
     src = with_external_data(demo.fetch(v1), tmp_path / "src")
@@ -691,7 +611,7 @@ def test_a_version_without_a_manifest_that_needs_external_data_is_refused(
 ) -> None:
     """Created outside batchline with only a sha256 tag: model.onnx alone is verified, so a
     graph that reads weights from another file is refused rather than loaded unchecked."""
-    from tests.integration.faults import with_external_data
+    from tests.support.models import with_external_data
 
     v1 = demo.get_version("churn_mlp", "1")
     src = with_external_data(demo.fetch(v1), tmp_path / "src")
@@ -726,10 +646,9 @@ async def test_the_server_refuses_a_version_tampered_on_mlflow_and_keeps_serving
     import grpc
     import numpy as np
 
-    from server._proto import inference_pb2 as pb
     from server._proto import inference_pb2_grpc as pb_grpc
     from server.errors import FailedPrecondition
-    from tests.integration.faults import tamper_in_place, with_external_data
+    from tests.support.models import tamper_in_place, with_external_data
 
     v1 = demo.get_version("churn_mlp", "1")
     copy_in(registry, name, v1)
@@ -743,9 +662,7 @@ async def test_the_server_refuses_a_version_tampered_on_mlflow_and_keeps_serving
     )
     with pytest.raises(FailedPrecondition, match=r"model/weights\.bin .*sha256"):
         await app.models.reload(name, f"{name}@2")
-    request = pb.ModelInferRequest(model_name=name)
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-    request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+    request = infer_request(np.zeros((1, 15), np.float32), name)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert reply.model_version == "1"

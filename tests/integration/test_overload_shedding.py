@@ -17,16 +17,14 @@ import numpy as np
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import spawn_server
+from tests.support.processes import spawn_server
+from tests.support.requests import infer_request
 
 BURST = 400
 
 
 def _request() -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="churn_mlp")
-    request.inputs.add(name="input", datatype="FP32", shape=[64, 15])
-    request.raw_input_contents.append(np.zeros((64, 15), np.float32).tobytes())
-    return request
+    return infer_request(np.zeros((64, 15), np.float32), "churn_mlp")
 
 
 async def _burst(address: str) -> tuple[collections.Counter[str], set[str]]:

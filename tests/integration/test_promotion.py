@@ -7,15 +7,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from registry_client import FileRegistry
 from registry_client.demo import load_reference
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.shadow.promotion import PromotionGate
+from tests.support.requests import infer_request
 
 AppFactory = Callable[..., Awaitable[App]]
 
@@ -35,9 +34,7 @@ async def _mirrored(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for i in range(120):
-            request = pb.ModelInferRequest(model_name="churn", id=f"r{i}")
-            request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-            request.raw_input_contents.append(np.ascontiguousarray(X[i : i + 1]).tobytes())
+            request = infer_request(X[i : i + 1], "churn", id=f"r{i}")
             await stub.ModelInfer(request, timeout=10)
     mirror = app.models.mirror("churn")
     assert mirror is not None

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tests.integration.conftest import ServerProcess
+from tests.support.processes import ServerProcess
 
 TIMEOUT = 30.0
 

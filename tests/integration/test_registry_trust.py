@@ -17,13 +17,13 @@ from registry_client import FileRegistry
 from registry_client.demo import load_holdout
 from server._proto import admin_pb2 as admin
 from server._proto import admin_pb2_grpc as admin_grpc
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.drift.sidecar import registry_profiles
 from server.errors import FailedPrecondition
-from tests.integration.conftest import spawn_server
-from tests.integration.faults import register_with_external_data, tamper_in_place
+from tests.support.models import register_with_external_data, tamper_in_place
+from tests.support.processes import spawn_server
+from tests.support.requests import infer_request, probabilities
 
 StartApp = Callable[..., Awaitable[App]]
 
@@ -41,18 +41,6 @@ def registry(demo_registry: Path, tmp_path: Path) -> Path:
 
 def _rows(registry: Path, n: int = 32) -> np.ndarray:
     return load_holdout(registry, "churn_mlp", "1").X[:n]
-
-
-def _infer(model: str, x: np.ndarray) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    return request
-
-
-def _probabilities(reply: pb.ModelInferResponse) -> np.ndarray:
-    index = [o.name for o in reply.outputs].index("probabilities")
-    return np.frombuffer(reply.raw_output_contents[index], dtype=np.float32).reshape(-1, 2)
 
 
 async def _reload(
@@ -87,15 +75,15 @@ async def test_external_data_serves_until_overwritten_then_reload_refuses_it(
     weights = registry / "churn_mlp" / "2" / "weights.bin"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        v1 = _probabilities(await infer(_infer("churn_mlp", x), timeout=30))
+        v1 = probabilities(await infer(infer_request(x, "churn_mlp"), timeout=30))
 
         loaded = await _reload(channel, "churn_mlp", "churn_mlp@2")
         assert isinstance(loaded, admin.ReloadModelResponse), loaded
         assert (loaded.previous_version, loaded.version) == ("1", "2")
-        reply = await infer(_infer("churn_mlp", x), timeout=30)
+        reply = await infer(infer_request(x, "churn_mlp"), timeout=30)
         assert reply.model_version == "2"
-        np.testing.assert_array_equal(_probabilities(reply), v1)  # the same weights, moved
-        np.testing.assert_allclose(_probabilities(reply), sklearn, atol=1e-4)
+        np.testing.assert_array_equal(probabilities(reply), v1)  # the same weights, moved
+        np.testing.assert_allclose(probabilities(reply), sklearn, atol=1e-4)
 
         assert isinstance(
             await _reload(channel, "churn_mlp", "churn_mlp@1"), admin.ReloadModelResponse
@@ -106,9 +94,9 @@ async def test_external_data_serves_until_overwritten_then_reload_refuses_it(
         )
         assert "register the model again" in details
 
-        reply = await infer(_infer("churn_mlp", x), timeout=30)
+        reply = await infer(infer_request(x, "churn_mlp"), timeout=30)
         assert reply.model_version == "1"
-        np.testing.assert_array_equal(_probabilities(reply), v1)
+        np.testing.assert_array_equal(probabilities(reply), v1)
         (status,) = app.models.status("churn_mlp")
         assert (status.version, status.failed_reloads) == ("1", 1)
         assert str(weights) in status.last_error
@@ -136,7 +124,7 @@ async def test_a_tampered_or_planted_file_is_refused_by_reload_and_v1_keeps_serv
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         _refused(await _reload(channel, "churn", "churn@2"), str(path), named)
         reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-            _infer("churn", x), timeout=30
+            infer_request(x, "churn"), timeout=30
         )
         assert (reply.model_name, reply.model_version) == ("churn", "1")
 
@@ -181,7 +169,7 @@ def test_a_served_process_refuses_tampered_versions_and_keeps_serving(
                 _refused(await _reload(channel, "churn", "churn@2"), str(view))
                 infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
                 for model in ("churn", "churn_mlp"):
-                    reply = await infer(_infer(model, x), timeout=30)
+                    reply = await infer(infer_request(x, model), timeout=30)
                     assert (reply.model_name, reply.model_version) == (model, "1")
 
         asyncio.run(scenario())

@@ -19,10 +19,11 @@ from prometheus_client import generate_latest
 from registry_client import FileRegistry, Signature, TensorInfo
 from server._proto import admin_pb2 as admin
 from server._proto import admin_pb2_grpc as admin_grpc
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.errors import FailedPrecondition, InvalidArgument, ModelError
+from tests.support.polling import eventually
+from tests.support.requests import infer_request
 
 TOKEN = "s3cret-admin-token"
 
@@ -35,13 +36,6 @@ def registry(demo_registry: Path, tmp_path: Path) -> Path:
     return root
 
 
-def _request(model: str = "churn") -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-    request.raw_input_contents.append(np.ones((1, 15), dtype=np.float32).tobytes())
-    return request
-
-
 async def _load(
     stub: pb_grpc.GRPCInferenceServiceStub, clients: int, until: asyncio.Event
 ) -> tuple[list[list[str]], list[grpc.StatusCode]]:
@@ -50,7 +44,7 @@ async def _load(
     sequences: list[list[str]] = [[] for _ in range(clients)]
 
     async def client(seq: list[str]) -> None:
-        request = _request()
+        request = infer_request(np.ones((1, 15), np.float32))
         while not until.is_set():
             try:
                 reply = await stub.ModelInfer(request, timeout=10)
@@ -70,11 +64,9 @@ async def _after_requests(app: App, name: str, count: int) -> None:
     """Wait (bounded) until `count` more requests were answered by the current version."""
     stats = app.models.get(name).stats
     target = stats.success.count + count
-    for _ in range(2000):
-        if stats.success.count >= target:
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("load did not progress")
+    await eventually(
+        lambda: stats.success.count >= target, timeout=10, what="load progressing", every=0.005
+    )
 
 
 async def _run_with_load(
@@ -139,10 +131,9 @@ async def test_watcher_follows_an_alias_move_without_being_asked(
         models=("churn@production",), registry=registry, server={"poll_interval_s": 0.05}
     )
     FileRegistry(registry).set_alias("churn", "production", "2")
-    for _ in range(400):
-        if app.models.get("churn").key.version == "2":
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: app.models.get("churn").key.version == "2", timeout=4, what="the swap to 2"
+    )
     assert app.models.get("churn").key.version == "2"
     assert app.models.status("churn")[0].reloads == 1
 
@@ -166,7 +157,7 @@ async def _assert_old_keeps_serving(
 ) -> None:
     with pytest.raises(FailedPrecondition, match=message):
         await app.models.reload("churn")
-    reply = await stub.ModelInfer(_request(), timeout=10)
+    reply = await stub.ModelInfer(infer_request(np.ones((1, 15), np.float32)), timeout=10)
     assert reply.model_version == "1"
     (status,) = app.models.status("churn")
     assert status.failed_reloads == 1
@@ -221,7 +212,7 @@ async def test_incompatible_signature_is_refused_and_the_old_version_keeps_servi
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(FailedPrecondition, match="not compatible"):
             await app.models.reload("churn", f"churn@{version}")
-        reply = await stub.ModelInfer(_request(), timeout=10)
+        reply = await stub.ModelInfer(infer_request(np.ones((1, 15), np.float32)), timeout=10)
         assert reply.model_version == "1"
 
 
@@ -239,7 +230,9 @@ async def test_a_reload_ref_must_name_the_served_model(
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "ref:" in (refused.value.details() or "")
-        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=10)
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            infer_request(np.ones((1, 15), np.float32)), timeout=10
+        )
         assert (reply.model_name, reply.model_version) == ("churn", "1")
 
 
@@ -320,7 +313,10 @@ async def test_retired_versions_are_released_and_their_metric_series_removed(
             runtimes.append(app.models.get("churn").runtime)
             await app.models.reload("churn", ref)
             replies = await asyncio.gather(
-                *(stub.ModelInfer(_request(), timeout=10) for _ in range(20))
+                *(
+                    stub.ModelInfer(infer_request(np.ones((1, 15), np.float32)), timeout=10)
+                    for _ in range(20)
+                )
             )
             assert {r.model_version for r in replies} == {ref.split("@")[1]}
     await app.models.drain()  # the retirements have run

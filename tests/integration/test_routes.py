@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -13,27 +12,11 @@ import pytest
 from registry_client.demo import load_reference
 from server._proto import admin_pb2 as admin
 from server._proto import admin_pb2_grpc as admin_grpc
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.app import App
 from server.shadow import compare
-
-AppFactory = Callable[..., Awaitable[App]]
-
-
-def _request(x: np.ndarray, request_id: str, version: str = "") -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="churn", id=request_id, model_version=version)
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    return request
-
-
-def _probabilities(reply: pb.ModelInferResponse) -> np.ndarray:
-    names = [o.name for o in reply.outputs]
-    i = names.index("probabilities")
-    return np.frombuffer(reply.raw_output_contents[i], dtype=np.float32).reshape(
-        tuple(reply.outputs[i].shape)
-    )
+from tests.support.apps import AppFactory
+from tests.support.polling import eventually
+from tests.support.requests import infer_request, probabilities
 
 
 async def test_canary_takes_its_share_sticky_by_request_id(
@@ -50,7 +33,7 @@ async def test_canary_takes_its_share_sticky_by_request_id(
         for start in range(0, len(ids), 100):
             chunk = ids[start : start + 100]
             replies += await asyncio.gather(
-                *(stub.ModelInfer(_request(x, i), timeout=30) for i in chunk)
+                *(stub.ModelInfer(infer_request(x, id=i), timeout=30) for i in chunk)
             )
         versions = {i: r.model_version for i, r in zip(ids, replies, strict=True)}
         share = sum(v == "2" for v in versions.values()) / len(ids)
@@ -60,10 +43,10 @@ async def test_canary_takes_its_share_sticky_by_request_id(
                 reply.model_version == "2"
             )
         again = await asyncio.gather(
-            *(stub.ModelInfer(_request(x, i), timeout=30) for i in ids[:200])
+            *(stub.ModelInfer(infer_request(x, id=i), timeout=30) for i in ids[:200])
         )
         assert [r.model_version for r in again] == [versions[i] for i in ids[:200]]
-        pinned = await stub.ModelInfer(_request(x, ids[0], version="1"), timeout=10)
+        pinned = await stub.ModelInfer(infer_request(x, id=ids[0], version="1"), timeout=10)
         assert pinned.model_version == "1"
 
 
@@ -81,13 +64,13 @@ async def test_shadow_never_changes_primary_answers_and_its_pairs_report_correct
         grpc.aio.insecure_channel(f"127.0.0.1:{mirrored.grpc_port}") as b,
     ):
         stub_a, stub_b = pb_grpc.GRPCInferenceServiceStub(a), pb_grpc.GRPCInferenceServiceStub(b)
-        requests = [_request(X[i : i + 2], f"r{i}") for i in range(0, 400, 2)]
+        requests = [infer_request(X[i : i + 2], id=f"r{i}") for i in range(0, 400, 2)]
         expected = await asyncio.gather(*(stub_a.ModelInfer(r, timeout=30) for r in requests))
         got = await asyncio.gather(*(stub_b.ModelInfer(r, timeout=30) for r in requests))
     for e, g in zip(expected, got, strict=True):
         assert g.model_version == "1"
         assert g.id == e.id
-        np.testing.assert_array_equal(_probabilities(g), _probabilities(e))
+        np.testing.assert_array_equal(probabilities(g), probabilities(e))
     mirror = mirrored.models.mirror("churn")
     assert mirror is not None
     await mirror.join()
@@ -120,7 +103,7 @@ async def test_route_changes_by_admin_rpc_without_a_restart_or_a_lost_request(
             i = 0
             while not done.is_set():
                 try:
-                    reply = await stub.ModelInfer(_request(x, f"c{n}-{i}"), timeout=10)
+                    reply = await stub.ModelInfer(infer_request(x, id=f"c{n}-{i}"), timeout=10)
                     seen.add(reply.model_version)
                 except grpc.aio.AioRpcError as exc:
                     errors.append(exc.code())
@@ -131,12 +114,11 @@ async def test_route_changes_by_admin_rpc_without_a_restart_or_a_lost_request(
             admin.RouteSpec(model="churn", canary="2", canary_percent=50.0), timeout=30
         )
         assert (route.primary, route.canary, route.canary_percent) == ("1", "2", 50.0)
-        for _ in range(500):
-            if "2" in seen:
-                break
-            await asyncio.sleep(0.01)
-        done.set()
-        await asyncio.gather(*load)
+        try:
+            await eventually(lambda: "2" in seen, timeout=5, what="an answer from the canary")
+        finally:
+            done.set()
+            await asyncio.gather(*load)
         assert errors == []
         assert seen == {"1", "2"}
         current = await adm.GetRoute(admin.GetRouteRequest(model="churn"), timeout=10)
@@ -164,7 +146,7 @@ async def test_shadows_are_shed_not_queued_when_the_mirror_is_full(start_app: Ap
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         replies = await asyncio.gather(
-            *(stub.ModelInfer(_request(x, f"r{i}"), timeout=10) for i in range(50))
+            *(stub.ModelInfer(infer_request(x, id=f"r{i}"), timeout=10) for i in range(50))
         )
     assert all(r.model_version == "1" for r in replies)
     counters = mirror.counters
@@ -183,7 +165,7 @@ async def test_shadows_are_shed_while_the_event_loop_has_no_spare_cpu(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for i in range(20):
-            reply = await stub.ModelInfer(_request(x, f"r{i}"), timeout=10)
+            reply = await stub.ModelInfer(infer_request(x, id=f"r{i}"), timeout=10)
             assert reply.model_version == "1"
             load.busy = 1.0
     mirror = app.models.mirror("churn")

@@ -4,28 +4,15 @@ server.shadow_log_max_memory_bytes: big pairs push out old ones, and the metric 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.app import App
-
-AppFactory = Callable[..., Awaitable[App]]
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
+from tests.support.apps import AppFactory
+from tests.support.metrics import scrape as _scrape
+from tests.support.requests import infer_request
 
 
 async def test_pairs_in_memory_are_bounded_in_bytes_newest_kept_and_evictions_counted(
@@ -43,9 +30,7 @@ async def test_pairs_in_memory_are_bounded_in_bytes_newest_kept_and_evictions_co
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for i in range(n):
-            request = pb.ModelInferRequest(model_name="churn", id=f"big-{i:02d}")
-            request.inputs.add(name="input", datatype="FP32", shape=[rows, 15])
-            request.raw_input_contents.append(x.tobytes())
+            request = infer_request(x, "churn", id=f"big-{i:02d}")
             await stub.ModelInfer(request, timeout=30)
     mirror = app.models.mirror("churn")
     assert mirror is not None

@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
+from tests.support.requests import infer_request
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -23,9 +23,7 @@ async def test_a_traced_request_continues_the_callers_trace_through_queue_and_ba
     config = tmp_path / "batchline.toml"
     config.write_text('[tracing]\nsampling_ratio = 1.0\nexporter = "memory"\n')
     app = await start_app(models=("churn@production",), config=str(config))
-    request = pb.ModelInferRequest(model_name="churn", id="traced")
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-    request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+    request = infer_request(np.zeros((1, 15), np.float32), "churn", id="traced")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         metadata = (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)

@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from registry_client import FileRegistry
 from registry_client.demo import Holdout, load_holdout
-from tests.integration.conftest import ServerProcess
+from tests.support.processes import ServerProcess
 
 MODELS = ("churn", "churn_mlp")  # both served at their production version, 1
 TIMEOUT = 10.0

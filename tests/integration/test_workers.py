@@ -3,53 +3,18 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
-from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from tests.integration.conftest import ROOT
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` consecutive free ports (the workers' metrics ports follow the parent's)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65535:
-            continue
-        try:
-            socks = []
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return list(range(base, base + count))
-    raise RuntimeError("no run of free ports")
-
-
-def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.support.metrics import scrape
+from tests.support.polling import eventually_blocking
+from tests.support.processes import ROOT, free_ports
+from tests.support.requests import infer_request
 
 
 def test_two_workers_share_the_port_and_their_metrics_add_up(
@@ -57,9 +22,7 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(
 ) -> None:
     proc, grpc_port, worker_ports, metrics_port = _start_workers(demo_registry, tmp_path)
     try:
-        request = pb.ModelInferRequest(model_name="churn")
-        request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-        request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+        request = infer_request(np.zeros((1, 15), np.float32), "churn")
         sent = 0
         for n in range(20):  # separate connections, spread by SO_REUSEPORT
             options = [("grpc.use_local_subchannel_pool", 1), ("test.conn", n)]
@@ -69,8 +32,8 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(
                     stub.ModelInfer(request, timeout=10)
                     sent += 1
         ok = (("model", "churn"), ("protocol", "grpc"), ("status", "OK"), ("version", "1"))
-        merged = _samples(metrics_port)
-        per_worker = [_samples(p).get(("batchline_requests_total", ok), 0.0) for p in worker_ports]
+        merged = scrape(metrics_port)
+        per_worker = [scrape(p).get(("batchline_requests_total", ok), 0.0) for p in worker_ports]
         assert merged[("batchline_requests_total", ok)] == sent == sum(per_worker)
         assert all(count > 0 for count in per_worker), per_worker  # both workers served
         info = [k for k in merged if k[0] == "batchline_model_info"]
@@ -92,9 +55,9 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(
 def _start_workers(
     registry: Path, tmp_path: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], int, list[int]]:
-    (grpc_port,) = _free_ports(1)
-    (http_port,) = _free_ports(1)
-    metrics_port, *worker_ports = _free_ports(3)
+    (grpc_port,) = free_ports(1)
+    (http_port,) = free_ports(1)
+    metrics_port, *worker_ports = free_ports(3)
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
@@ -104,11 +67,12 @@ def _start_workers(
          *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while not all(Path(f"{ready}.{i}").exists() for i in range(2)):
+
+    def workers_ready() -> bool:
         assert proc.poll() is None, "the server exited"
-        assert time.monotonic() < deadline, "workers not ready"
-        time.sleep(0.05)
+        return all(Path(f"{ready}.{i}").exists() for i in range(2))
+
+    eventually_blocking(workers_ready, timeout=90, what="both workers ready", every=0.05)
     return proc, grpc_port, worker_ports, metrics_port
 
 
@@ -117,9 +81,7 @@ def _fresh_answers(grpc_port: int, calls: int) -> list[tuple[str, str, str]]:
     from server._proto import admin_pb2 as admin_pb
     from server._proto import admin_pb2_grpc as admin_grpc
 
-    request = pb.ModelInferRequest(model_name="churn")
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
-    request.raw_input_contents.append(np.zeros((1, 15), np.float32).tobytes())
+    request = infer_request(np.zeros((1, 15), np.float32), "churn")
     seen = []
     for n in range(calls):
         options = [("grpc.use_local_subchannel_pool", 1), ("test.conn", n)]
@@ -159,9 +121,7 @@ def test_set_route_and_reload_reach_every_worker_before_the_answer(
         assert set(_fresh_answers(grpc_port, 16)) == {("", "2", "2")}
 
         ok_v2 = (("model", "churn"), ("protocol", "grpc"), ("status", "OK"), ("version", "2"))
-        per_worker = [
-            _samples(p).get(("batchline_requests_total", ok_v2), 0.0) for p in worker_ports
-        ]
+        per_worker = [scrape(p).get(("batchline_requests_total", ok_v2), 0.0) for p in worker_ports]
         assert all(count > 0 for count in per_worker), per_worker  # both workers answered
     finally:
         proc.send_signal(signal.SIGTERM)

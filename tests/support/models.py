@@ -1,9 +1,11 @@
-"""Real ONNX models that misbehave on purpose, registered into a copy of the demo registry."""
+"""Registries for tests: real ONNX models that misbehave on purpose, registered into a copy of
+the demo registry; versions whose files are not what was registered; attachments replaced."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,34 @@ def tamper_in_place(path: Path) -> None:
         data[i] ^= 0x80
     path.write_bytes(bytes(data))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def register_with_attachment(root: Path, name: str, version: str, filename: str, text: str) -> None:
+    """Make `name`@`version` in the registry at `root` a version registered with `text` as its
+    attachment `filename` (the same model and other files). Editing the file in place would be
+    tampering, which the registry refuses: the version is registered afresh in a scratch
+    registry and its folder (files and manifest) takes the old one's place."""
+    store = FileRegistry(root)
+    mv = store.get_version(name, version)
+    folder = Path(mv.artifact).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / filename
+        source.write_text(text)
+        attachments = {
+            f: store.attachment(name, version, f)
+            for f in mv.files
+            if f not in {"model.onnx", *mv.external_data}
+        }
+        new = FileRegistry(Path(tmp) / "scratch").register(
+            name,
+            store.fetch(mv),
+            signature=mv.signature,
+            metrics=mv.metrics,
+            tags=mv.tags,
+            features=mv.features,
+            source=mv.source,
+            description=mv.description,
+            attachments={**attachments, filename: source},
+        )
+        shutil.rmtree(folder)
+        shutil.move(Path(new.artifact).parent, folder)
