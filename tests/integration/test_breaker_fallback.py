@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -15,10 +14,9 @@ from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.clock import FakeClock
+from tests.support.apps import AppFactory
 from tests.support.models import registry_with_failing_churn, rows
 from tests.support.requests import infer_request
-
-AppFactory = Callable[..., Awaitable[App]]
 
 
 def _config(tmp_path: Path, body: str) -> str:

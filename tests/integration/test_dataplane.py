@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -20,8 +19,7 @@ from server._proto import admin_pb2_grpc as admin_grpc
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
-
-AppFactory = Callable[..., Awaitable[App]]
+from tests.support.requests import infer_request
 
 
 def _get(port: int, method: str, path: str) -> Any:
@@ -40,10 +38,7 @@ async def rest(app: App, method: str, path: str) -> Any:
 
 
 def _request(model: str) -> Any:
-    request = pb.ModelInferRequest(model_name=model, id="parity")
-    request.inputs.add(name="input", datatype="FP32", shape=[2, 15])
-    request.raw_input_contents.append(np.ones((2, 15), np.float32).tobytes())
-    return request
+    return infer_request(np.ones((2, 15), np.float32), model, id="parity")
 
 
 async def test_grpc_and_rest_answer_the_same_metadata_config_statistics_and_index(

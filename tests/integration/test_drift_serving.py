@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 from registry_client.demo import load_reference
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.app import App
+from tests.support.apps import AppFactory
 from tests.support.polling import eventually
 from tests.support.processes import Sidecar, spawn_sidecar
 from tests.support.requests import infer_request
@@ -26,7 +25,7 @@ def _windows(sidecar: Sidecar) -> dict[tuple[str, str, str], dict[str, object]]:
 
 
 async def test_served_predictions_reach_the_sidecar_with_their_route_role(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
 ) -> None:
@@ -38,7 +37,7 @@ async def test_served_predictions_reach_the_sidecar_with_their_route_role(
 
 
 async def _serve_and_check(
-    start_app: Callable[..., Awaitable[App]], demo_registry: Path, tmp_path: Path, sidecar: Sidecar
+    start_app: AppFactory, demo_registry: Path, tmp_path: Path, sidecar: Sidecar
 ) -> None:
     config = tmp_path / "batchline.toml"
     config.write_text(f'[drift]\nenabled = true\ntarget = "{sidecar.address}"\n')
@@ -76,7 +75,7 @@ async def _serve_and_check(
 
 
 async def test_tagged_load_stays_out_of_drift_and_shadow_statistics(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
 ) -> None:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from server.app import App, open_feature_store
 from server.features.materialize import materialize, read_rows
 from server.features.store import FeatureLookup
 from server.features.view import Feature, FeatureView
+from tests.support.apps import AppFactory
 from tests.support.models import register_with_attachment
 from tests.support.polling import eventually
 from tests.support.processes import RedisServer
@@ -92,7 +92,7 @@ async def test_online_vectors_equal_what_materialize_read_offline_byte_for_byte(
 
 
 async def _serving_app(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
     entity_table: Path,
@@ -110,7 +110,7 @@ async def _serving_app(
 
 
 async def test_entity_keyed_request_answers_like_the_same_features_sent_inline(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
     entity_table: Path,
@@ -138,7 +138,7 @@ async def test_entity_keyed_request_answers_like_the_same_features_sent_inline(
 
 
 async def test_a_million_entity_ids_are_refused_from_the_header_before_decoding(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
     entity_table: Path,
@@ -174,7 +174,7 @@ async def test_a_million_entity_ids_are_refused_from_the_header_before_decoding(
 
 
 async def test_strict_view_answers_not_found_naming_the_unknown_ids(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
     entity_table: Path,
@@ -195,7 +195,7 @@ async def test_strict_view_answers_not_found_naming_the_unknown_ids(
 
 
 async def test_concurrent_lookups_share_round_trips(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
     entity_table: Path,
@@ -223,7 +223,7 @@ async def test_concurrent_lookups_share_round_trips(
 
 
 async def test_redis_down_answers_unavailable_fast_and_recovers_without_restart(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
     entity_table: Path,
@@ -266,7 +266,7 @@ async def test_redis_down_answers_unavailable_fast_and_recovers_without_restart(
 
 
 async def test_a_hung_store_times_out_per_lookup_and_a_defaults_view_falls_back(
-    start_app: Callable[..., Awaitable[App]],
+    start_app: AppFactory,
     demo_registry: Path,
     tmp_path: Path,
     entity_table: Path,
@@ -298,7 +298,7 @@ async def test_a_hung_store_times_out_per_lookup_and_a_defaults_view_falls_back(
 
 
 async def test_entity_request_without_a_configured_store_names_the_setting(
-    start_app: Callable[..., Awaitable[App]], demo_registry: Path, tmp_path: Path
+    start_app: AppFactory, demo_registry: Path, tmp_path: Path
 ) -> None:
     registry = _registry_with_view(demo_registry, tmp_path, _view())
     app = await start_app(models=("churn@production",), registry=registry)

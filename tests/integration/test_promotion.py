@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -14,9 +13,8 @@ from registry_client.demo import load_reference
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.shadow.promotion import PromotionGate
+from tests.support.apps import AppFactory
 from tests.support.requests import infer_request
-
-AppFactory = Callable[..., Awaitable[App]]
 
 
 async def _mirrored(

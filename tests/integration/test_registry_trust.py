@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -18,14 +17,12 @@ from registry_client.demo import load_holdout
 from server._proto import admin_pb2 as admin
 from server._proto import admin_pb2_grpc as admin_grpc
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.app import App
 from server.drift.sidecar import registry_profiles
 from server.errors import FailedPrecondition
+from tests.support.apps import AppFactory
 from tests.support.models import register_with_external_data, tamper_in_place
 from tests.support.processes import spawn_server
 from tests.support.requests import infer_request, probabilities
-
-StartApp = Callable[..., Awaitable[App]]
 
 
 @pytest.fixture
@@ -65,7 +62,7 @@ def _refused(outcome: object, *named: str) -> str:
 
 
 async def test_external_data_serves_until_overwritten_then_reload_refuses_it(
-    start_app: StartApp, registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     """The issue's case: weights.bin rewritten in place (same size, same mtime) after the
     version was loaded once. The reload that used to serve the new weights is refused."""
@@ -110,7 +107,7 @@ async def test_external_data_serves_until_overwritten_then_reload_refuses_it(
     ],
 )
 async def test_a_tampered_or_planted_file_is_refused_by_reload_and_v1_keeps_serving(
-    start_app: StartApp, registry: Path, planted: str, named: str
+    start_app: AppFactory, registry: Path, planted: str, named: str
 ) -> None:
     app = await start_app(models=("churn@1",), registry=registry)
     path = registry / "churn" / "2" / planted
@@ -130,7 +127,7 @@ async def test_a_tampered_or_planted_file_is_refused_by_reload_and_v1_keeps_serv
 
 
 async def test_start_up_refuses_a_tampered_version_naming_the_file(
-    start_app: StartApp, registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     weights = registry / "churn_mlp" / "2" / "weights.bin"
     tamper_in_place(weights)

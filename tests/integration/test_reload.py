@@ -22,6 +22,7 @@ from server._proto import admin_pb2_grpc as admin_grpc
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.app import App
 from server.errors import FailedPrecondition, InvalidArgument, ModelError
+from tests.support.apps import AppFactory
 from tests.support.polling import eventually
 from tests.support.requests import infer_request
 
@@ -84,7 +85,7 @@ async def _run_with_load(
 
 
 async def test_swap_under_load_loses_no_request_and_switches_each_client_once(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     app = await start_app(models=("churn@production",), registry=registry)
 
@@ -103,7 +104,7 @@ async def test_swap_under_load_loses_no_request_and_switches_each_client_once(
 
 
 async def test_promote_then_rollback_under_load_switches_each_client_twice(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     app = await start_app(models=("churn@production",), registry=registry)
     store = FileRegistry(registry)
@@ -125,7 +126,7 @@ async def test_promote_then_rollback_under_load_switches_each_client_twice(
 
 
 async def test_watcher_follows_an_alias_move_without_being_asked(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     app = await start_app(
         models=("churn@production",), registry=registry, server={"poll_interval_s": 0.05}
@@ -166,7 +167,7 @@ async def _assert_old_keeps_serving(
 
 
 async def test_corrupt_artifact_is_refused_and_the_old_version_keeps_serving(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     app = await start_app(models=("churn@production",), registry=registry)
     store = FileRegistry(registry)
@@ -178,7 +179,7 @@ async def test_corrupt_artifact_is_refused_and_the_old_version_keeps_serving(
 
 
 async def test_missing_version_is_refused_and_the_old_version_keeps_serving(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     app = await start_app(models=("churn@production",), registry=registry)
     store = FileRegistry(registry)
@@ -189,7 +190,7 @@ async def test_missing_version_is_refused_and_the_old_version_keeps_serving(
 
 
 async def test_incompatible_signature_is_refused_and_the_old_version_keeps_serving(
-    start_app: Callable[..., Awaitable[App]], registry: Path, tmp_path: Path
+    start_app: AppFactory, registry: Path, tmp_path: Path
 ) -> None:
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
@@ -217,7 +218,7 @@ async def test_incompatible_signature_is_refused_and_the_old_version_keeps_servi
 
 
 async def test_a_reload_ref_must_name_the_served_model(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     app = await start_app(models=("churn@1",), registry=registry)
     with pytest.raises(InvalidArgument, match=r"names registry model 'churn_mlp'.*serves 'churn'"):
@@ -237,7 +238,7 @@ async def test_a_reload_ref_must_name_the_served_model(
 
 
 async def test_admin_reload_needs_the_bearer_token_and_reports_status(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     app = await start_app(
         models=("churn@production",), registry=registry, server={"admin_token": TOKEN}
@@ -282,7 +283,7 @@ async def test_admin_reload_needs_the_bearer_token_and_reports_status(
 
 
 async def test_triton_load_model_reloads_through_the_repository_api(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     import tritonclient.grpc.aio as triton
 
@@ -299,7 +300,7 @@ async def test_triton_load_model_reloads_through_the_repository_api(
 
 
 async def test_retired_versions_are_released_and_their_metric_series_removed(
-    start_app: Callable[..., Awaitable[App]], registry: Path
+    start_app: AppFactory, registry: Path
 ) -> None:
     """Alternating reloads under traffic: every retired ServedModel is garbage once its queue
     drained (weak references die), and /metrics keeps series of the served version only."""

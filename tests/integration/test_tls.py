@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.app import App
+from tests.support.apps import AppFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +51,7 @@ async def _ready(channel: grpc.aio.Channel) -> bool:
 
 
 async def test_tls_port_serves_tls_clients_and_refuses_plaintext(
-    start_app: Callable[..., Awaitable[App]], pki: Path
+    start_app: AppFactory, pki: Path
 ) -> None:
     app = await start_app(
         models=("churn@production",),
@@ -68,7 +67,7 @@ async def test_tls_port_serves_tls_clients_and_refuses_plaintext(
 
 
 async def test_mutual_tls_requires_a_client_certificate_signed_by_the_ca(
-    start_app: Callable[..., Awaitable[App]], pki: Path
+    start_app: AppFactory, pki: Path
 ) -> None:
     app = await start_app(
         models=("churn@production",),
@@ -87,9 +86,7 @@ async def test_mutual_tls_requires_a_client_certificate_signed_by_the_ca(
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_health_command_speaks_mutual_tls(
-    start_app: Callable[..., Awaitable[App]], pki: Path
-) -> None:
+async def test_health_command_speaks_mutual_tls(start_app: AppFactory, pki: Path) -> None:
     app = await start_app(
         models=("churn@production",),
         server={

@@ -3,14 +3,13 @@ carry the stages, and the batch span links to every request it served."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 from server._proto import inference_pb2_grpc as pb_grpc
-from server.app import App
+from tests.support.apps import AppFactory
 from tests.support.requests import infer_request
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -18,7 +17,7 @@ PARENT_ID = "00f067aa0ba902b7"
 
 
 async def test_a_traced_request_continues_the_callers_trace_through_queue_and_batch(
-    start_app: Callable[..., Awaitable[App]], tmp_path: Path
+    start_app: AppFactory, tmp_path: Path
 ) -> None:
     config = tmp_path / "batchline.toml"
     config.write_text('[tracing]\nsampling_ratio = 1.0\nexporter = "memory"\n')
