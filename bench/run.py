@@ -320,17 +320,20 @@ def entity_scenario(
     try:
         reg = work / "registry"
         shutil.copytree(registry, reg)
-        from server.features.view import Feature, FeatureView
+        from registry_client import FileRegistry
+        from server.features.view import FeatureView
 
-        view = FeatureView(
-            "churn_features", "customer_id", tuple(Feature(f"f{i}") for i in range(15))
+        # The view registered with the version (an edited feature_view.json would be refused
+        # as tampering): its entity key and feature names make the table's columns.
+        store = FileRegistry(reg)
+        version = store.resolve("churn@production").version
+        view = FeatureView.from_json(
+            store.attachment("churn", version, "feature_view.json").read_text()
         )
-        version = json.loads((reg / "churn" / "aliases.json").read_text())["aliases"]["production"]
-        (reg / "churn" / version / "feature_view.json").write_text(view.to_json())
         X, _ = load_reference(registry, "churn", version)
         table = work / "customers.csv"
         table.write_text(
-            "customer_id," + ",".join(f"f{i}" for i in range(15)) + "\n"
+            view.entity_key + "," + ",".join(view.feature_names) + "\n"
             + "".join(f"c{i}," + ",".join(repr(float(v)) for v in row) + "\n" for i, row in enumerate(X))
         )  # fmt: skip
         url = f"redis://127.0.0.1:{port}/0"
@@ -342,7 +345,7 @@ def entity_scenario(
         # Both requests as tritonclient sends them: tensors in raw_input_contents (BYTES
         # elements with their 4-byte length prefix).
         by_entity = pb.ModelInferRequest(model_name="churn", id="e")
-        by_entity.inputs.add(name="customer_id", datatype="BYTES", shape=[1])
+        by_entity.inputs.add(name=view.entity_key, datatype="BYTES", shape=[1])
         by_entity.raw_input_contents.append(struct.pack("<I", 2) + b"c7")
         inline = pb.ModelInferRequest(model_name="churn", id="i")
         inline.inputs.add(name="input", datatype="FP32", shape=[1, 15])

