@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--reloads", type=int, default=50)
     parser.add_argument("--rps", type=float, default=200.0, help="background churn_mlp rate")
     args = parser.parse_args()
+    if args.reloads < 4:
+        parser.error("--reloads: at least 4 (growth is measured from reload 4, after warm-up)")
     from server._proto import admin_pb2 as admin
     from server._proto import admin_pb2_grpc as admin_grpc
 
