@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from server.clock import Clock
+from server.config.batching import BatchPolicy
 from server.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -38,34 +39,6 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 Outputs = list[np.ndarray]
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPolicy:
-    """How one model version batches. Sizes are in rows (the first tensor dimension)."""
-
-    max_batch_size: int = 64
-    max_queue_delay_s: float = 0.002
-    preferred_batch_sizes: tuple[int, ...] = ()
-    # Rows allowed to wait; None means unbounded (only when asked for explicitly).
-    max_queue_size: int | None = 2048
-    # Batches that may run at once (executor threads). Inline models run one at a time.
-    instances: int = 1
-    # False: every request runs alone, straight away (the unbatched path).
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
-        if self.max_queue_delay_s < 0:
-            raise ValueError("max_queue_delay_s must not be negative")
-        if self.instances < 1:
-            raise ValueError("instances must be at least 1")
-        if self.max_queue_size is not None and self.max_queue_size < 1:
-            raise ValueError("max_queue_size must be at least 1 (or None for unbounded)")
-        for size in self.preferred_batch_sizes:
-            if not 1 <= size <= self.max_batch_size:
-                raise ValueError("preferred_batch_sizes must lie within 1..max_batch_size")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
 
-WindowType = Literal["count", "time"]
-
-_WINDOW_TYPES: tuple[WindowType, ...] = ("count", "time")
+# The breaker's settings are a section of the settings (server/config/breaker.py).
+from server.config.breaker import BreakerConfig as BreakerConfig
 
 
 class BreakerState(enum.Enum):
@@ -60,106 +58,6 @@ class TransitionReason(enum.StrEnum):
     FORCED_OPEN = "forced_open"
     DISABLED = "disabled"
     RESET = "reset"
-
-
-class _FieldError(ValueError):
-    """A bad BreakerConfig value; keeps the field apart so from_mapping can prefix it."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-
-def _real(name: str, value: object, expected: str, ok: Callable[[float], bool]) -> float:
-    # bool is an int subclass; `true` in a TOML file is never meant as a number.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _FieldError(name, f"expected {expected}, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or not ok(number):
-        raise _FieldError(name, f"expected {expected}, got {value!r}")
-    return number
-
-
-def _whole(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _FieldError(name, f"expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerConfig:
-    """One breaker's settings, named and defaulted as resilience4j names them.
-
-    Rates are percentages. A call is slow when its duration is greater than `slow_call_duration_s`.
-    `sliding_window_size` counts calls for a "count" window and seconds for a "time" window.
-    `slow_call_rate_threshold` = 100 (the default) opens only when every call in the window is
-    slow. `max_wait_in_half_open_s` = 0 waits for the probes however long they take.
-    Construction validates every field; a ValueError names it.
-
-    Defaults and why they differ from resilience4j's (failure 50 %, slow 100 %, slow 60 s, window
-    100 calls, minimum 100, wait 60 s, 10 probes, no half-open limit):
-    `minimum_number_of_calls` 20 (a model server sees hundreds of calls a second; waiting for 100
-    failures before shedding a broken model costs a burst of errors), `wait_duration_in_open_s`
-    5 s (a model call is cheap to probe; a minute of fallbacks after a transient fault is long),
-    `permitted_calls_in_half_open` 5 (half of 10: with 20 minimum calls, five probes decide), and
-    `slow_call_duration_s` 60 s as resilience4j (slow-call shedding is opt-in by lowering it).
-    """
-
-    failure_rate_threshold: float = 50.0
-    slow_call_rate_threshold: float = 100.0
-    slow_call_duration_s: float = 60.0
-    sliding_window_type: WindowType = "count"
-    sliding_window_size: int = 100
-    minimum_number_of_calls: int = 20
-    wait_duration_in_open_s: float = 5.0
-    permitted_calls_in_half_open: int = 5
-    max_wait_in_half_open_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        percent = "a percentage in (0, 100]"
-        reals: tuple[tuple[str, str, Callable[[float], bool]], ...] = (
-            ("failure_rate_threshold", percent, lambda x: 0 < x <= 100),
-            ("slow_call_rate_threshold", percent, lambda x: 0 < x <= 100),
-            ("slow_call_duration_s", "a number of seconds > 0", lambda x: x > 0),
-            ("wait_duration_in_open_s", "a number of seconds >= 0", lambda x: x >= 0),
-            ("max_wait_in_half_open_s", "a number of seconds >= 0", lambda x: x >= 0),
-        )
-        for name, expected, ok in reals:
-            # Normalised to float so `wait_duration_in_open_s = 5` in TOML equals 5.0.
-            object.__setattr__(self, name, _real(name, getattr(self, name), expected, ok))
-        if self.sliding_window_type not in _WINDOW_TYPES:
-            raise _FieldError(
-                "sliding_window_type",
-                f'expected "count" or "time", got {self.sliding_window_type!r}',
-            )
-        _whole("sliding_window_size", self.sliding_window_size, 1)
-        _whole("minimum_number_of_calls", self.minimum_number_of_calls, 1)
-        _whole("permitted_calls_in_half_open", self.permitted_calls_in_half_open, 1)
-
-    @classmethod
-    def from_mapping(cls, prefix: str, mapping: Mapping[str, object]) -> BreakerConfig:
-        """Build from a TOML table; a ValueError names `prefix.key` for an unknown or bad key."""
-        known = {f.name for f in fields(cls)}
-        for key in mapping:
-            if key not in known:
-                raise ValueError(f"unknown key {prefix}.{key} (known: {', '.join(sorted(known))})")
-        # Types are checked by __post_init__, which sees every value whatever it is.
-        kwargs: dict[str, Any] = dict(mapping)
-        try:
-            return cls(**kwargs)
-        except _FieldError as exc:
-            raise ValueError(f"{prefix}.{exc.field}: {exc.problem}") from None
-
-    @property
-    def effective_minimum_calls(self) -> int:
-        """Calls needed before rates count; a count window can never hold more than its size.
-
-        resilience4j clamps the same way, so a window of 10 with a minimum of 20 still opens.
-        """
-        if self.sliding_window_type == "count":
-            return min(self.minimum_number_of_calls, self.sliding_window_size)
-        return self.minimum_number_of_calls
 
 
 class Permit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 
 class ErrorKind(enum.Enum):
@@ -62,5 +63,16 @@ class ModelError(ServingError):
     kind = ErrorKind.INTERNAL
 
 
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message names the key."""
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the key.
+
+    Settings report every problem they find at once: `problems` holds one message per problem
+    (first found first), and the message is those lines (one line for one problem)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+
+    @classmethod
+    def of(cls, problems: Sequence[str]) -> ConfigError:
+        return cls("\n".join(problems), problems)

@@ -1,214 +1,20 @@
 """Drift monitoring: the in-server producer streams predictions to the drift sidecar.
 
-`DriftSettings` is the ``[drift]`` table of batchline.toml, shared by both ends: the server reads
-``enabled``/``target``/``queue_size``/``max_queue_bytes``/``chunk``/``sample_ratio``/
-``warn_after_s``, both read ``token``/``token_file`` (or BATCHLINE_DRIFT_TOKEN /
-BATCHLINE_DRIFT_TOKEN_FILE), the sidecar the rest. This module stays import-light (no grpc, no
-scipy) so the server's config can use it.
-
-    [drift]
-    enabled = true
-    target = "127.0.0.1:8011"
-    token_file = "/run/secrets/drift-token"   # or BATCHLINE_DRIFT_TOKEN; both ends read it
-    sample_ratio = 1.0
-    window_rows = 5000
-    window_s = 600.0
-    alerts = ["feature_psi > 0.25", "score_psi > 0.25", "accuracy < 0.7"]
-    alert_cooldown_s = 600.0
-    alert_webhook = "http://retrain.internal/hook"
+`DriftSettings` is the ``[drift]`` table of batchline.toml, shared by both ends; it is a section
+of the settings (server/config/drift.py, with the alert rules it names). This module keeps the
+sidecar's flags, so building a CLI parser stays cheap (no grpc, no scipy).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
-from server.errors import ConfigError
+from server.config import load_settings
+from server.config.drift import ALERT_METRICS, AlertRule, DriftSettings
 from server.net import is_loopback
-
-# Metric -> the direction that is bad. feature_* metrics are evaluated per feature.
-ALERT_METRICS: dict[str, str] = {
-    "feature_psi": ">",
-    "feature_js": ">",
-    "feature_ks": ">",
-    "feature_ks_pvalue": "<",
-    "missing_rate": ">",
-    "out_of_range_rate": ">",
-    "score_psi": ">",
-    "score_js": ">",
-    "score_ks": ">",
-    "accuracy": "<",
-    "auc": "<",
-}
-_RULE = re.compile(r"\s*([a-z_]+)\s*([<>])\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*")
-
-
-@dataclass(frozen=True, slots=True)
-class AlertRule:
-    """One threshold: ``metric > value`` (or ``<`` for accuracy, AUC and p-values)."""
-
-    metric: str
-    op: str
-    threshold: float
-
-    @classmethod
-    def parse(cls, text: str) -> AlertRule:
-        match = _RULE.fullmatch(text)
-        if match is None:
-            raise ValueError(f"expected 'METRIC > NUMBER' or 'METRIC < NUMBER', got {text!r}")
-        metric, op, value = match.groups()
-        if metric not in ALERT_METRICS:
-            raise ValueError(f"unknown metric {metric!r} (known: {', '.join(ALERT_METRICS)})")
-        return cls(metric, op, float(value))
-
-    def breached(self, value: float) -> bool:
-        """NaN (nothing measured) never breaches."""
-        return value > self.threshold if self.op == ">" else value < self.threshold
-
-    def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.threshold:g}"
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """Producer (in the server) and sidecar settings; see the module docstring."""
-
-    # Producer, in the inference server.
-    enabled: bool = False
-    target: str = "127.0.0.1:8011"
-    queue_size: int = 10000
-    chunk: int = 256
-    sample_ratio: float = 1.0
-    flush_timeout_s: float = 2.0
-    backoff_max_s: float = 5.0
-    # The queue is bounded in bytes too (ids, arrays, a fixed overhead per record): big records
-    # cannot hold more memory than this, whatever queue_size says.
-    max_queue_bytes: int = 64 * 1024 * 1024
-    # A sidecar unreachable for longer than this is logged (WARNING, with the records dropped),
-    # again at most every warn_after_s while it stays away, and its return at INFO.
-    warn_after_s: float = 30.0
-    # Both ends. A shared token: the producer sends it (metadata authorization: Bearer TOKEN),
-    # the sidecar then refuses Record, PostLabels and refreshes without it. Prefer
-    # BATCHLINE_DRIFT_TOKEN or token_file (BATCHLINE_DRIFT_TOKEN_FILE); never a flag (argv is
-    # visible in /proc).
-    token: str = ""
-    token_file: str = ""
-    # Sidecar (`batchline drift`). gRPC ingest on `host`, HTTP (metrics, report) on `http_host`
-    # (empty: `host`). It shares the pod with the server: loopback unless told otherwise.
-    host: str = "127.0.0.1"
-    http_host: str = ""
-    grpc_port: int = 8011
-    http_port: int = 8012
-    registry: str = ""
-    window_rows: int = 5000
-    window_s: float = 600.0
-    min_rows: int = 100
-    eval_every_records: int = 1000
-    eval_every_s: float = 10.0
-    # The record-count trigger waits this long after a window's last evaluation, which bounds
-    # evaluation work (~10 ms a window) whatever the traffic.
-    eval_min_interval_s: float = 1.0
-    max_windows: int = 64
-    label_memory_rows: int = 100000
-    # ... and their bytes (request id, scores, labels, a fixed overhead per request).
-    label_memory_bytes: int = 32 * 1024 * 1024
-    label_window_rows: int = 5000
-    alerts: tuple[str, ...] = ("feature_psi > 0.25", "score_psi > 0.25")
-    alert_cooldown_s: float = 600.0
-    alert_webhook: str = ""
-    alert_command: str = ""
-    ready_file: str = ""
-    log_level: str = "info"
-
-    def alert_rules(self) -> tuple[AlertRule, ...]:
-        return tuple(AlertRule.parse(text) for text in self.alerts)
-
-    def resolved_token(self) -> str:
-        """The shared token: `token`, or the contents of `token_file` (stripped); "" for none."""
-        if self.token_file:
-            with open(self.token_file, encoding="utf-8") as fh:
-                return fh.read().strip()
-        return self.token
-
-
-# Environment variables for the [drift] keys both ends read (the token, never a flag).
-ENV: dict[str, str] = {
-    "BATCHLINE_DRIFT_TOKEN": "token",
-    "BATCHLINE_DRIFT_TOKEN_FILE": "token_file",
-}
-
-
-def settings_from_env(base: DriftSettings, env: Mapping[str, str]) -> DriftSettings:
-    """`base` with BATCHLINE_DRIFT_TOKEN / BATCHLINE_DRIFT_TOKEN_FILE applied (set and not
-    empty). One replaces the other, so a token in the environment wins over a file in the
-    config and the other way round."""
-    changes: dict[str, Any] = {key: env[var] for var, key in ENV.items() if env.get(var)}
-    if "token" in changes and "token_file" not in changes:
-        changes["token_file"] = ""
-    elif "token_file" in changes and "token" not in changes:
-        changes["token"] = ""
-    return replace(base, **changes) if changes else base
-
-
-def check_settings(s: DriftSettings, prefix: str = "drift") -> None:
-    """Raise ConfigError naming the first bad key."""
-
-    def need(name: str, ok: bool, expected: str) -> None:
-        if not ok:
-            raise ConfigError(f"{prefix}.{name}: expected {expected}, got {getattr(s, name)!r}")
-
-    for name in (
-        "queue_size",
-        "chunk",
-        "window_rows",
-        "max_windows",
-        "label_window_rows",
-        "max_queue_bytes",
-        "label_memory_bytes",
-    ):
-        need(name, getattr(s, name) >= 1, "an integer >= 1")
-    for name in ("min_rows", "eval_every_records", "label_memory_rows"):
-        need(name, getattr(s, name) >= 0, "an integer >= 0")
-    need("sample_ratio", 0.0 <= s.sample_ratio <= 1.0, "a number in 0..1")
-    for name in (
-        "flush_timeout_s",
-        "window_s",
-        "eval_every_s",
-        "eval_min_interval_s",
-        "alert_cooldown_s",
-    ):
-        need(name, getattr(s, name) >= 0, "a number >= 0")
-    need("backoff_max_s", s.backoff_max_s > 0, "a number > 0")
-    need("warn_after_s", s.warn_after_s > 0, "a number > 0")
-    if s.token and s.token_file:
-        raise ConfigError(f"{prefix}.token_file: give the drift token or its file, not both")
-    if s.token_file:
-        try:
-            token = s.resolved_token()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise ConfigError(
-                f"{prefix}.token_file: cannot read {s.token_file}: {reason}"
-            ) from None
-        if not token:
-            raise ConfigError(f"{prefix}.token_file: {s.token_file} is empty")
-    for name in ("grpc_port", "http_port"):
-        need(name, 0 <= getattr(s, name) <= 65535, "a port 0..65535")
-    need("http_port", s.http_port != s.grpc_port or s.http_port == 0, "a port other than grpc_port")
-    need("target", bool(s.target) or not s.enabled, "host:port of the drift sidecar")
-    need(
-        "log_level",
-        s.log_level.lower() in ("debug", "info", "warning", "error"),
-        "debug, info, warning or error",
-    )
-    for text in s.alerts:
-        try:
-            AlertRule.parse(text)
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}.alerts: {exc}") from None
 
 
 class PredictionSink(Protocol):
@@ -290,9 +96,10 @@ def settings_from_args(
     base: DriftSettings | None = None,
     env: Mapping[str, str] | None = None,
 ) -> DriftSettings:
-    """`base` (the [drift] table, or the defaults), then `env` (BATCHLINE_DRIFT_TOKEN...),
-    then the flags given, checked."""
-    base = settings_from_env(base or DriftSettings(), env or {})
+    """`base` (the [drift] table as load_settings read it), or else the defaults with `env`
+    applied (BATCHLINE_DRIFT__*, BATCHLINE_DRIFT_TOKEN...), then the flags given, checked."""
+    if base is None:
+        base = load_settings(env=env or {}).drift
     changes: dict[str, Any] = {}
     for name, _kind, _text in _FLAGS.values():
         value = getattr(args, name, None)
@@ -302,9 +109,7 @@ def settings_from_args(
         changes["alerts"] = tuple(args.alerts)
     if changes.get("token_file"):
         changes["token"] = ""  # --token-file replaces a token from the config or environment
-    settings = replace(base, **changes)
-    check_settings(settings)
-    return settings
+    return replace(base, **changes) if changes else base
 
 
 __all__ = [
@@ -313,8 +118,6 @@ __all__ = [
     "DriftSettings",
     "PredictionSink",
     "add_arguments",
-    "check_settings",
     "is_loopback",
     "settings_from_args",
-    "settings_from_env",
 ]

@@ -52,7 +52,6 @@ from server.clock import Clock
 from server.drift import (
     DriftSettings,
     add_arguments,
-    check_settings,
     is_loopback,
     settings_from_args,
 )
@@ -93,7 +92,6 @@ class Sidecar(HttpEndpoint):
         profiles: ProfileLoader | None = None,
         clock: Clock | None = None,
     ) -> None:
-        check_settings(settings)
         self.settings = settings
         if profiles is None:
             profiles = registry_profiles(settings.registry) if settings.registry else _no_profiles

@@ -10,7 +10,7 @@ import numpy as np
 
 from registry_client import ModelVersion, Registry
 from registry_client.errors import AttachmentNotFound, RegistryError
-from server.batching import BatchPolicy, DynamicBatcher
+from server.batching import DynamicBatcher
 from server.breaker import CircuitBreaker
 from server.clock import Clock
 from server.config import ModelSettings
@@ -93,17 +93,6 @@ def _static_fallback(settings: ModelSettings, signature: ModelSignature) -> list
     return rows
 
 
-def _policy(settings: ModelSettings) -> BatchPolicy:
-    return BatchPolicy(
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_s=settings.max_queue_delay_us / 1e6,
-        preferred_batch_sizes=settings.preferred_batch_sizes,
-        max_queue_size=settings.max_queue_size or None,
-        instances=settings.instances,
-        enabled=settings.dynamic_batching,
-    )
-
-
 def _check_signature(mv: ModelVersion, runtime: OnnxModel) -> None:
     """The registry's recorded signature must match the graph that was actually loaded."""
     graph = runtime.signature
@@ -178,7 +167,7 @@ class VersionLoader:
         batcher = DynamicBatcher(
             str(key),
             runtime.run,
-            _policy(settings),
+            settings.batching,
             self._clock,
             executor=executor,
             observer=observer,

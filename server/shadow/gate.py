@@ -1,51 +1,16 @@
-"""The promotion gate's judgement: its thresholds (`GateConfig`) and `evaluate_gate`, which
+"""The promotion gate's judgement: its thresholds (`GateConfig`, a section of the settings:
+server/config/gate.py) and `evaluate_gate`, which
 turns one report and an error count into promote, roll back or wait. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from server.config.gate import GateConfig as GateConfig
 from server.shadow.compare import ShadowReport
-
-
-@dataclass(frozen=True, slots=True)
-class GateConfig:
-    """When a shadow (or canary) may replace the primary: over at least `min_requests`
-    requests, labels agree at least `min_agreement` of the time, scores differ by at most
-    `max_mean_abs_diff` on average, and at most `max_error_rate` of its runs fail."""
-
-    min_requests: int = 1000
-    min_agreement: float = 0.99
-    max_mean_abs_diff: float = 0.05
-    max_error_rate: float = 0.01
-
-    def __post_init__(self) -> None:
-        if isinstance(self.min_requests, bool) or not isinstance(self.min_requests, int):
-            raise ValueError(f"min_requests: expected an integer >= 1, got {self.min_requests!r}")
-        if self.min_requests < 1:
-            raise ValueError(f"min_requests: expected an integer >= 1, got {self.min_requests!r}")
-        for name in ("min_agreement", "max_error_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{name}: expected a number in 0..1, got {value!r}")
-        value = self.max_mean_abs_diff
-        # inf is allowed (and documented): it turns the score check off for a model without
-        # scores. NaN is refused (every comparison with it is false).
-        if isinstance(value, bool) or not (isinstance(value, int | float) and value >= 0):
-            raise ValueError(f"max_mean_abs_diff: expected a number >= 0 or inf, got {value!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GateConfig:
-        known = {"min_requests", "min_agreement", "max_mean_abs_diff", "max_error_rate"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown key")
-        return cls(**data)
-
 
 GateAction = Literal["promote", "rollback", "wait"]
 

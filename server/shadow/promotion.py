@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from server.errors import ServingError
 from server.models import ModelManager
 from server.shadow.compare import compare
-from server.shadow.gate import GateConfig, GateDecision, evaluate_gate
+from server.shadow.gate import GateDecision, evaluate_gate
 from server.shadow.log import PairLog, read_log
 from server.shadow.pairs import LogContents
 
@@ -88,7 +88,7 @@ class PromotionGate:
         route = status.route
         if settings.gate_action == "off" or route is None or not route.shadows:
             return {}
-        config = GateConfig.from_dict(settings.gate)
+        config = settings.gate
         contents = self._contents()
         decisions = {}
         for spec in route.shadows:

@@ -200,44 +200,6 @@ def test_non_empty_queue_with_a_free_instance_either_cuts_or_names_a_wake_up(
         assert decision.cut
 
 
-# ---- BatchPolicy validation -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"max_batch_size": 0}, "max_batch_size"),
-        ({"max_queue_delay_s": -0.001}, "max_queue_delay_s"),
-        ({"max_batch_size": 8, "preferred_batch_sizes": (9,)}, "preferred_batch_sizes"),
-        ({"max_batch_size": 8, "preferred_batch_sizes": (0,)}, "preferred_batch_sizes"),
-        ({"instances": 0}, "instances"),
-        ({"max_queue_size": 0}, "max_queue_size"),
-    ],
-    ids=[
-        "batch-0",
-        "negative-delay",
-        "preferred-above-max",
-        "preferred-0",
-        "instances-0",
-        "queue-0",
-    ],
-)
-def test_batch_policy_rejects_a_bad_value_naming_it(kwargs: dict[str, object], field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        BatchPolicy(**kwargs)  # type: ignore[arg-type]
-
-
-def test_batch_policy_accepts_edge_values() -> None:
-    policy = BatchPolicy(
-        max_batch_size=1,
-        max_queue_delay_s=0.0,
-        preferred_batch_sizes=(1,),
-        max_queue_size=None,
-        instances=1,
-    )
-    assert policy.max_queue_size is None
-
-
 # ---- shape_key / stack / split_rows ---------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from server.batching import BatchPolicy
 from server.config import ModelSettings, ServerSettings, load_settings
 from server.errors import ConfigError
 
@@ -210,6 +211,44 @@ def test_unknown_key_is_refused_naming_the_full_key(write: Writer, text: str, ke
 def test_bad_value_is_refused_naming_the_key(write: Writer, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: "):
         load_settings(write(text), env={})
+
+
+# The batcher's BatchPolicy is not checked again: these are the values it could not run with.
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("max_batch_size = 0", "max_batch_size"),
+        ("max_queue_delay_us = -1", "max_queue_delay_us"),
+        ("max_batch_size = 8\npreferred_batch_sizes = [9]", "preferred_batch_sizes"),
+        ("max_batch_size = 8\npreferred_batch_sizes = [0]", "preferred_batch_sizes"),
+        ("instances = 0", "instances"),
+        ("max_queue_size = -1", "max_queue_size"),
+    ],
+    ids=["batch-0", "negative-delay", "preferred-above-max", "preferred-0", "instances-0", "queue"],
+)
+def test_a_batch_policy_the_batcher_cannot_run_is_refused_naming_the_key(
+    write: Writer, text: str, key: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^models\.churn\.{key}: "):
+        load_settings(write(f"[models.churn]\n{text}\n"), env={})
+
+
+def test_the_batchers_section_takes_the_edge_values_in_its_own_units(write: Writer) -> None:
+    text = (
+        "[models.churn]\nmax_batch_size = 1\nmax_queue_delay_us = 0\n"
+        "preferred_batch_sizes = [1]\nmax_queue_size = 0\ndynamic_batching = false\n"
+        "[models.fraud]\nmax_queue_delay_us = 2500\n"
+    )
+    churn, fraud = load_settings(write(text), env={}).models
+    assert churn.batching == BatchPolicy(
+        max_batch_size=1,
+        max_queue_delay_s=0.0,
+        preferred_batch_sizes=(1,),
+        max_queue_size=None,  # 0 in the file: no bound
+        instances=1,
+        enabled=False,
+    )
+    assert fraud.batching.max_queue_delay_s == 0.0025
 
 
 def test_model_range_error_says_what_was_expected_and_got(write: Writer) -> None:
