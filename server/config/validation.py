@@ -278,7 +278,9 @@ def _problem(err: ErrorDetails, annotation: Any) -> str:
     if kind in bounds:
         op, name = bounds[kind]
         what = "an integer" if annotation is int else "a number"
-        return f"expected {what} {op} {_number(ctx[name])}, got {value!r}"
+        # The value as written: an environment variable's text is shown as the number it is.
+        shown = value if isinstance(value, str) else repr(value)
+        return f"expected {what} {op} {_number(ctx[name])}, got {shown}"
     if kind == "finite_number":
         return f"expected a finite number, got {value!r}"
     if kind == "missing":
@@ -327,7 +329,8 @@ def messages(
         if err["type"] in _UNKNOWN:
             parent = _annotation_at(root, field[:-1])
             known = ", ".join(sorted(_fields(parent)))
-            out.append(f"unknown key {key} (known: {known})")
+            origin = f"from {sources[field]}; " if sources and field in sources else ""
+            out.append(f"unknown key {key} ({origin}known: {known})")
             continue
         if err["type"] == "batchline_checks":
             prefix = f"{key}." if key else ""
