@@ -131,18 +131,7 @@ class App:
         self.feature_metrics = feature_metrics
         self.drift: DriftProducer | None = None
         if settings.drift.enabled:
-            d = settings.drift
-            self.drift = DriftProducer(
-                d.target,
-                queue_size=d.queue_size,
-                max_queue_bytes=d.max_queue_bytes,
-                chunk=d.chunk,
-                sample_ratio=d.sample_ratio,
-                clock=self.clock,
-                backoff_max_s=d.backoff_max_s,
-                token=d.resolved_token(),
-                warn_after_s=d.warn_after_s,
-            )
+            self.drift = DriftProducer.from_settings(settings.drift, clock=self.clock)
             self.metrics.registry.register(DriftProducerCollector(self.drift))
         self.pipeline = InferencePipeline(
             self.models,

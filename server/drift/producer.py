@@ -40,6 +40,7 @@ from registry_client.backoff import exponential_backoff
 from server._proto import drift_pb2 as pb
 from server._proto import drift_pb2_grpc as pb_grpc
 from server.clock import Clock, MonotonicClock
+from server.config.drift import DriftSettings
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,21 @@ class DriftProducer:
         self.errors = 0
 
     # -- the request path ------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, settings: DriftSettings, *, clock: Clock | None = None) -> DriftProducer:
+        """The producer the [drift] section describes (its values already checked)."""
+        return cls(
+            settings.target,
+            queue_size=settings.queue_size,
+            max_queue_bytes=settings.max_queue_bytes,
+            chunk=settings.chunk,
+            sample_ratio=settings.sample_ratio,
+            clock=clock,
+            backoff_max_s=settings.backoff_max_s,
+            token=settings.resolved_token(),
+            warn_after_s=settings.warn_after_s,
+        )
 
     def record(
         self,
