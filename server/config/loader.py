@@ -23,7 +23,12 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from server.config.drift import DriftSettings
 from server.config.models import ModelDefaults, ModelSettings
@@ -67,6 +72,19 @@ class BatchlineSettings(BaseSettings):
         extra="forbid",
         frozen=True,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges the layers itself (the file, the environment it is given, the
+        # flags): validating the document reads nothing more, not os.environ, not a .env file.
+        return (init_settings,)
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     model_defaults: ModelDefaults = Field(default_factory=ModelDefaults)

@@ -164,6 +164,17 @@ def test_every_key_can_be_set_from_the_environment(tmp_path: Path, path: str, de
     assert read(settings, path) == expected(text, default), env
 
 
+def test_only_the_environment_given_is_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """load_settings(env=...) reads that mapping alone: not os.environ, not a .env file."""
+    monkeypatch.setenv("BATCHLINE_SERVER__GRPC_PORT", "9999")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("BATCHLINE_SERVER__METRICS_PORT=9998\n")
+    server = load_settings(env={}).server
+    assert (server.grpc_port, server.metrics_port) == (8001, 8002)
+
+
 # ---- the older names ------------------------------------------------------------------------
 
 LEGACY = [
