@@ -263,9 +263,13 @@ def _problem(err: ErrorDetails, annotation: Any) -> str:
     if kind in ("tuple_type", "list_type"):
         item = _strip(get_args(annotation)[0]) if get_args(annotation) else None
         return f"expected a list of {_PLURAL.get(item, 'values')}, got {value!r}"
-    if kind in ("dict_type", "dataclass_type", "dataclass_exact_type", "model_type"):
-        return f"expected a table, got {value!r}"
-    if kind == "model_attributes_type":
+    if kind in (
+        "dict_type",
+        "dataclass_type",
+        "dataclass_exact_type",
+        "model_type",
+        "model_attributes_type",
+    ):
         return f"expected a table, got {value!r}"
     if kind == "literal_error":
         return f"expected {str(ctx.get('expected', '')).replace(chr(39), '')}, got {value!r}"
