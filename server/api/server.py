@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server._proto import admin_pb2
 from server._proto import inference_pb2 as pb
+from server.api.acceptor import CallAcceptor
 from server.api.admin import AdminGuard, AdminServicer
 from server.api.servicer import InferenceServicer
 
@@ -21,6 +22,9 @@ ADMIN_SERVICE_NAME = "batchline.admin.v1.AdminService"
 # The inference service's methods that change what is served: the admin guard applies to them
 # exactly as to every AdminService method.
 ADMIN_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+# The methods whose calls arrive at rates that need more than grpc.aio's one outstanding
+# request for a new call (server/api/acceptor.py).
+HOT_METHODS = ("ModelInfer",)
 # gRPC server reflection (grpcurl, ghz and Postman without --proto): grpcio-reflection serves
 # v1alpha; v1 has the same messages field for field, so the same servicer answers it too
 # (grpcurl asks v1 first).
@@ -146,6 +150,33 @@ def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> N
     )
 
 
+class GrpcServer:
+    """A grpc.aio server and its CallAcceptor, started and stopped together; everything else
+    is the grpc.aio server's."""
+
+    def __init__(self, server: grpc.aio.Server, acceptor: CallAcceptor | None) -> None:
+        self.server = server
+        self.acceptor = acceptor
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.acceptor is not None:
+            self.acceptor.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+        if self.acceptor is not None:
+            await self.acceptor.stop()
+
+    def calls_in_flight(self) -> int:
+        """Hot-method calls accepted and not finished (those grpc.aio's own accept loop took
+        are not counted: with the acceptor on, core hands it nearly every call)."""
+        return 0 if self.acceptor is None else self.acceptor.in_flight
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
 def build_server(
     servicer: InferenceServicer,
     health_service: Health,
@@ -161,8 +192,11 @@ def build_server(
     max_connection_age_grace_s: float = 30.0,
     max_concurrent_rpcs: int = 0,
     max_pending_rpcs: int = 0,
-) -> tuple[grpc.aio.Server, int]:
-    """Return the server and the port it really bound (port 0 picks a free one)."""
+) -> tuple[GrpcServer, int]:
+    """Return the server and the port it really bound (port 0 picks a free one).
+
+    Unless `max_concurrent_rpcs` is set (grpc.aio counts that limit in its own accept loop),
+    the hot methods get a CallAcceptor, so gRPC keeps its share of the loop beside HTTP."""
     server = grpc.aio.server(
         maximum_concurrent_rpcs=max_concurrent_rpcs or None,
         options=[
@@ -215,4 +249,9 @@ def build_server(
         bound = server.add_secure_port(address, tls.server_credentials())
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
-    return server, bound
+    acceptor = None
+    if not max_concurrent_rpcs:
+        acceptor = CallAcceptor(
+            server, {f"/{SERVICE_NAME}/{name}": handlers[name] for name in HOT_METHODS}
+        )
+    return GrpcServer(server, acceptor), bound

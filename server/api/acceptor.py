@@ -1,0 +1,148 @@
+"""More than one outstanding request for new calls in grpc.aio, so gRPC keeps its share of the
+event loop beside the REST binding.
+
+grpc.aio's server asks gRPC core for the next call of each registered method one at a time
+(`AioServer._server_main_loop`: one `grpc_server_request_registered_call` per method, the next
+one only after the last has been handed to a task). Each accepted call goes through a chain of
+event-loop turns: the completion queue's poller thread wakes the loop through a socket, the
+reader callback completes the request's future, its task finishes, `asyncio.wait` wakes the
+main loop, which starts the RPC's task and asks core for the next call. So a process accepts at
+most one ModelInfer call per ~4 loop turns. Alone, gRPC's turns are short and this is invisible;
+beside HTTP/1.1, whose every connection is read in the same turn, a turn serves dozens of REST
+requests and gRPC got ~1/25 of HTTP's req/s (32 + 32 perf_analyzer clients on the 2-core
+machine; 0.10 with the acceptor, 0.26 with the REST turn budget on top, server/api/http/
+fairness.py). Fewer REST requests per turn alone barely helped: the chain stayed serial.
+
+`CallAcceptor` keeps `depth` more requests outstanding for the hot methods (ModelInfer) and
+starts each accepted call's RPC task from the request's done-callback, as the main loop would
+(same `_handle_rpc` / `_schedule_rpc_coro`, same handler): up to `depth` calls are accepted per
+chain instead of one. Core hands each incoming call to whichever request is outstanding, so
+nothing else changes: deadlines, cancellation, status codes and shutdown are grpc.aio's.
+
+It uses grpc.aio's private cygrpc entry points (there is no public knob); `supported()` says
+whether the installed grpcio has them, `start()` does nothing (logs once) when it does not, and
+a test fails on a grpcio whose internals moved, so an upgrade cannot drop the fix silently.
+`maximum_concurrent_rpcs` is counted by grpc.aio's main loop alone: with it set, the acceptor
+stays off so that limit keeps holding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from grpc._cython import cygrpc
+
+log = logging.getLogger(__name__)
+
+# Outstanding requests per method: at least the concurrency one process is expected to serve
+# on a hot method (each costs one preallocated call slot in core, nothing per turn).
+DEFAULT_DEPTH = 64
+
+_NEEDED = ("_handle_rpc", "_schedule_rpc_coro", "_MethodResolver", "_RequestCallError")
+
+
+def supported() -> bool:
+    """Whether this grpcio has the internals the acceptor drives."""
+    return all(hasattr(cygrpc, name) for name in _NEEDED) and hasattr(
+        cygrpc.AioServer, "_make_request_call_future"
+    )
+
+
+class CallAcceptor:
+    """Keeps `depth` extra requests for new calls of each of `methods` outstanding on a started
+    grpc.aio server; every call core hands to one runs exactly as grpc.aio would run it."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        methods: Mapping[str, grpc.RpcMethodHandler],
+        *,
+        depth: int = DEFAULT_DEPTH,
+    ) -> None:
+        self._server = server
+        # fully qualified method ("/pkg.Service/Method") -> its handler
+        self._methods = dict(methods)
+        self._depth = depth
+        self._aio: Any = None
+        self._resolver: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accepted = 0  # calls started through the acceptor (read by tests and benches)
+
+    @property
+    def active(self) -> bool:
+        return self._aio is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls it accepted that have not finished."""
+        return len(self._tasks)
+
+    def start(self) -> bool:
+        """After `server.start()`: put the extra requests in; False when left off."""
+        if self._depth <= 0 or not self._methods:
+            return False
+        aio = getattr(self._server, "_server", None)
+        if not supported() or aio is None or not aio.is_running():
+            log.warning(
+                "grpc.aio internals not as expected (grpcio %s): gRPC accepts one call per "
+                "method at a time, and may get a small share of the loop beside HTTP",
+                grpc.__version__,
+            )
+            return False
+        self._aio = aio
+        self._loop = asyncio.get_running_loop()
+        self._resolver = cygrpc._MethodResolver([], self._methods)
+        for method in self._methods:
+            for _ in range(self._depth):
+                self._arm(method.encode())
+        return True
+
+    def _arm(self, method: bytes) -> None:
+        future = self._aio._make_request_call_future(method)
+        self._pending.add(future)
+        future.add_done_callback(lambda f: self._accepted(f, method))
+
+    def _accepted(self, future: asyncio.Future[Any], method: bytes) -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            return
+        running = self._aio.is_running()
+        exc = future.exception()
+        if exc is not None:
+            # Core fails outstanding requests when the server shuts down; anything else is a
+            # request that can be put in again, as grpc.aio's main loop does.
+            if isinstance(exc, cygrpc._RequestCallError):
+                if running:
+                    self._arm(method)
+            else:
+                log.error("gRPC request for a new %s call failed: %r", method.decode(), exc)
+            return
+        rpc_state = future.result()
+        name = method.decode()
+        loop = self._loop
+        assert loop is not None
+        coro = cygrpc._handle_rpc(name, self._resolver, (), rpc_state, loop, False)
+        task = loop.create_task(cygrpc._schedule_rpc_coro(coro, rpc_state, loop, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.accepted += 1
+        if running:
+            self._arm(method)
+
+    async def stop(self) -> None:
+        """After `server.stop()`: withdraw what is still outstanding, wait for the RPCs it
+        started (the server's stop has already ended or cancelled them)."""
+        pending = list(self._pending)
+        for future in pending:
+            future.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._aio = None

@@ -1,0 +1,90 @@
+"""The CallAcceptor on a real server: grpc.aio's private entry points it drives exist in the
+installed grpcio (so an upgrade that moves them fails here, not silently in production), calls
+it accepts run exactly like grpc.aio's own (replies, statuses, deadlines), it stays off when
+max_concurrent_rpcs is grpc.aio's to count, and the server stops cleanly with it on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from server._proto import inference_pb2 as pb
+from server._proto import inference_pb2_grpc as pb_grpc
+from server.api import acceptor
+from tests.support.apps import AppFactory
+from tests.support.models import rows
+
+TIMEOUT = 30.0
+# A lone 1-row call waits for the preferred batch of 8: eight calls held in flight together.
+HOLD = {"preferred_batch_sizes": (8,), "max_queue_delay_us": 3_000_000}
+
+
+def _request(n: int = 1, model: str = "churn") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=[n, 15])
+    request.raw_input_contents.append(rows(n, False).tobytes())
+    return request
+
+
+def test_the_installed_grpcio_has_the_internals_the_acceptor_drives() -> None:
+    assert acceptor.supported(), f"grpcio {grpc.__version__}: cygrpc internals moved"
+
+
+async def test_calls_it_accepts_are_answered_like_any_other(start_app: AppFactory) -> None:
+    """Eight calls sent at once reach gRPC core together: grpc.aio's own loop holds one request
+    for a new call, so the acceptor takes the others; every one is answered with its rows."""
+    app = await start_app(models=("churn@production",), **HOLD)
+    accept = app._server.acceptor
+    assert accept is not None
+    assert accept.active
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        replies = await asyncio.gather(
+            *(stub.ModelInfer(_request(), timeout=TIMEOUT) for _ in range(8))
+        )
+        assert [list(r.outputs[1].shape) for r in replies] == [[1, 2]] * 8
+        assert accept.accepted >= 1
+        # Errors keep their status through the acceptor's calls.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ModelInfer(_request(model="nope"), timeout=TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        # A call the acceptor runs honours the caller's deadline (held: no batch of 8 comes).
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.ModelInfer(_request(), timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = (await _stub_stats(app.grpc_port)).model_stats[0]
+    assert stats.inference_stats.success.count == 8
+    assert app._server.calls_in_flight() == 0
+
+
+async def _stub_stats(port: int) -> pb.ModelStatisticsResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        reply: pb.ModelStatisticsResponse = await stub.ModelStatistics(
+            pb.ModelStatisticsRequest(name="churn"), timeout=TIMEOUT
+        )
+        return reply
+
+
+async def test_max_concurrent_rpcs_leaves_accepting_to_grpc_aio(start_app: AppFactory) -> None:
+    app = await start_app(models=("churn@production",), server={"max_concurrent_rpcs": 4})
+    assert app._server.acceptor is None
+    assert app._server.calls_in_flight() == 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            _request(), timeout=TIMEOUT
+        )
+    assert np.frombuffer(reply.raw_output_contents[1], dtype=np.float32).shape == (2,)
+
+
+async def test_stop_withdraws_every_outstanding_request(start_app: AppFactory) -> None:
+    app = await start_app(models=("churn@production",))
+    accept = app._server.acceptor
+    assert accept is not None
+    assert len(accept._pending) == acceptor.DEFAULT_DEPTH
+    await app.stop()
+    assert not accept._pending
+    assert not accept.active
