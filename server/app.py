@@ -287,6 +287,7 @@ class App:
             max_body_bytes=srv.max_message_bytes,
             guard=guard,
             tracing=self._active_tracing,
+            grpc_busy=lambda: self._server is not None and self._server.calls_in_flight() > 0,
         )
         self._rest = RestServer(
             rest_app,

@@ -673,6 +673,38 @@ async def test_http_and_grpc_requests_share_one_batch(start_app: AppFactory) -> 
     assert ok == {"grpc": 1.0, "http": 1.0}
 
 
+async def test_rest_requests_started_under_the_turn_budget_join_the_grpc_calls_batch(
+    start_app: AppFactory,
+) -> None:
+    """Four 1-row gRPC calls are held in flight (waiting for the preferred batch of 8), so REST
+    starts one request per loop turn; four 1-row REST requests still fill that one batch."""
+    app = await start_app(models=("churn@production",), **HOLD)
+    request = pb.ModelInferRequest(model_name="churn")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
+    request.raw_input_contents.append(rows(1, False).tobytes())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        grpc_calls = [
+            asyncio.ensure_future(stub.ModelInfer(request, timeout=TIMEOUT)) for _ in range(4)
+        ]
+        await eventually(
+            lambda: app.pipeline.in_flight == 4, timeout=TIMEOUT, what="4 gRPC calls held"
+        )
+        assert app._server.calls_in_flight() >= 1  # the budget is in force
+        http_replies = await asyncio.gather(
+            *(
+                call(app.http_port, "POST", "/v2/models/churn/infer", infer_json(rows(1, False)))
+                for _ in range(4)
+            )
+        )
+        grpc_replies = await asyncio.gather(*grpc_calls)
+    assert [r.status for r in http_replies] == [200] * 4
+    assert all(list(r.outputs[1].shape) == [1, 2] for r in grpc_replies)
+    stats = (await call(app.http_port, "GET", "/v2/models/churn/stats")).json()["model_stats"][0]
+    assert [b["batch_size"] for b in stats["batch_stats"]] == [8]
+    assert stats["execution_count"] == 1
+
+
 async def test_entity_ids_as_json_strings_answer_like_grpc(
     start_app: AppFactory, demo_registry: Path, tmp_path: Path
 ) -> None:

@@ -27,6 +27,7 @@ import orjson
 
 from server.api.admin import AdminGuard
 from server.api.codec import Decoder
+from server.api.http.fairness import DEFAULT_PER_TURN, TurnBudget
 from server.api.http.tensors import JSON, OCTET_STREAM, Parser, encode_response
 from server.api.status import details
 from server.clock import Clock
@@ -104,6 +105,8 @@ class RestApp:
         max_body_bytes: int,
         guard: AdminGuard,
         tracing: Tracer | None = None,
+        grpc_busy: Callable[[], bool] | None = None,
+        per_turn: int = DEFAULT_PER_TURN,
     ) -> None:
         self._plane = plane
         self._clock = clock
@@ -112,6 +115,9 @@ class RestApp:
         self._tracing = tracing
         self._parser = Parser()
         self._decoder = Decoder(max_tensor_elements, max_request_id_bytes, "http")
+        # While gRPC calls are in flight, REST starts a bounded number of requests per loop
+        # turn (fairness.py), so the two bindings share the loop.
+        self._budget = TurnBudget(per_turn, grpc_busy) if grpc_busy is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -325,6 +331,9 @@ class RestApp:
         self, scope: Scope, receive: Receive, name: str, version: str
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         body, header_length = await self._body(scope, receive)
+        budget = self._budget
+        if budget is not None and not budget.try_admit():
+            await budget.wait()
         trace = None
         if self._tracing is not None:
             trace = self._tracing.start_request(
