@@ -91,6 +91,43 @@ def test_json_data_that_does_not_fit_its_datatype_is_named(
     assert message in err.value.message
 
 
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("FP32", [[True, False]]),  # all booleans
+        ("FP32", [[1.5, True]]),  # one boolean among numbers: numpy would read 1.0
+        ("INT32", [[1, False]]),
+        ("INT8", [True, False]),  # flat
+        ("UINT64", [[2**64 - 1, True]]),
+        ("FP64", True),  # a scalar
+    ],
+)
+def test_json_booleans_are_refused_for_numeric_tensors_as_triton_does(
+    datatype: str, data: Any
+) -> None:
+    shape = [1] if data is True else [1, 2]
+    body = _json({"name": "x", "datatype": datatype, "shape": shape, "data": data})
+    with pytest.raises(InvalidArgument, match="input 'x'") as err:
+        parse_request(body, None, "m", "")
+    assert f"of datatype {datatype}: data holds true/false" in err.value.message
+    assert "only BOOL tensors take booleans" in err.value.message
+
+
+@pytest.mark.parametrize("data", [[[True, 1]], [[0.0, 1.0]], [["true", "false"]]])
+def test_bool_tensors_take_only_json_booleans(data: list[Any]) -> None:
+    body = _json({"name": "x", "datatype": "BOOL", "shape": [1, 2], "data": data})
+    with pytest.raises(InvalidArgument, match="input 'x' of datatype BOOL: data must hold true"):
+        parse_request(body, None, "m", "")
+
+
+def test_json_strings_that_are_not_utf8_never_reach_the_codec() -> None:
+    """JSON text is UTF-8: a raw 0xff byte or a lone surrogate escape is not valid JSON."""
+    head = b'{"inputs":[{"name":"s","datatype":"BYTES","shape":[1],"data":["'
+    for text in (bytes([0xFF]), rb"\udc80"):
+        with pytest.raises(InvalidArgument, match="the request body is not valid JSON"):
+            parse_request(head + text + b'"]}]}', None, "m", "")
+
+
 def test_binary_inputs_are_views_of_the_body_in_input_order() -> None:
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     b = np.arange(4, dtype=np.float32).reshape(2, 2) + 100
@@ -153,3 +190,38 @@ def test_replies_are_json_binary_or_mixed_as_asked() -> None:
     assert doc["outputs"][0]["data"] == [1, 0]
     assert doc["outputs"][1]["parameters"] == {"binary_data_size": 16}
     assert parts[1] == np.array([[0.25, 0.75], [0.5, 0.5]], np.float32).tobytes()
+
+
+def _bytes_result(*values: bytes) -> InferResult:
+    return InferResult(
+        model="m",
+        version="1",
+        id="",
+        outputs={"s": np.array(values, dtype=object)},
+        parameters={},
+    )
+
+
+def test_a_bytes_output_that_is_utf8_is_answered_as_json_strings() -> None:
+    plain = parse_request(_json({"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}),
+                          None, "m", "")  # fmt: skip
+    parts, header = encode_response(_bytes_result("ç".encode(), b"ab"), plain)
+    assert header is None
+    assert orjson.loads(parts[0])["outputs"][0]["data"] == ["ç", "ab"]
+
+
+def test_a_bytes_output_that_is_not_utf8_is_refused_as_json_and_carried_as_binary() -> None:
+    plain = parse_request(_json({"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}),
+                          None, "m", "")  # fmt: skip
+    with pytest.raises(InvalidArgument, match="output 's' holds bytes that are not UTF-8") as err:
+        encode_response(_bytes_result(b"\xff\x00", b"ok"), plain)
+    assert "binary_data" in err.value.message
+    binary = parse_request(
+        _json({"name": "x", "datatype": "FP32", "shape": [1], "data": [1]},
+              parameters={"binary_data_output": True}),
+        None, "m", "",
+    )  # fmt: skip
+    parts, header = encode_response(_bytes_result(b"\xff\x00", b"ok"), binary)
+    assert header is not None
+    blob = b"".join(parts)[header:]
+    assert blob == struct.pack("<I", 2) + b"\xff\x00" + struct.pack("<I", 2) + b"ok"

@@ -10,6 +10,12 @@ element and row limits. What only JSON can get wrong (not an object, a shape tha
 integers, strings where numbers belong, a `data` array of the wrong length) is checked here and
 named by its JSON field.
 
+Two rules for JSON `data`, as Triton's HTTP front has them: booleans (`true`/`false`) belong
+to BOOL tensors only (numpy would read them as 1 and 0 in a numeric tensor), and BOOL tensors
+take nothing else. BYTES elements given as JSON strings are those strings' UTF-8 bytes; bytes
+that are not UTF-8 travel as binary tensor data, both ways: a reply whose BYTES output is not
+UTF-8 is refused in JSON form, naming the output, rather than altered.
+
 A reply is JSON `data` per output, or binary for the outputs asked so
 (`outputs[].parameters.binary_data` or the request's `parameters.binary_data_output`).
 """
@@ -389,6 +395,12 @@ def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> Any:
     if datatype == "BOOL":
         if kind != "b":
             raise InvalidArgument(f"input '{name}' of datatype BOOL: data must hold true/false")
+    elif kind == "b" or (kind in "iuf" and _holds_bool(data)):
+        # Triton refuses JSON booleans for numeric tensors (numpy would read true as 1).
+        raise InvalidArgument(
+            f"input '{name}' of datatype {datatype}: data holds true/false; only BOOL "
+            "tensors take booleans, numbers are JSON numbers"
+        )
     elif kind in "US":
         raise InvalidArgument(f"input '{name}' of datatype {datatype}: data holds strings")
     elif kind not in "biuf":
@@ -400,12 +412,20 @@ def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> Any:
         if kind == "f":
             # numpy reads [[2**64 - 1, 0], ...] as floats: exact integers still fit
             return _integers_from_floats(name, datatype, dtype, data, array)
-        if kind == "b":
-            raise InvalidArgument(f"input '{name}' of datatype {datatype}: data must hold integers")
         low, high = _INT_BOUNDS[dtype]
         if int(array.min()) < low or int(array.max()) > high:
             raise InvalidArgument(f"input '{name}': a value does not fit {datatype}")
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def _holds_bool(data: Any) -> bool:
+    """Whether a regular nested list (np.asarray took it) holds a bool anywhere: one type scan
+    per innermost row, in C (`map(type, ...)`), no per-element Python."""
+    if not isinstance(data, list):
+        return data.__class__ is bool
+    if data and isinstance(data[0], list):
+        return any(_holds_bool(row) for row in data)
+    return bool in set(map(type, data))
 
 
 def _integers_from_floats(
@@ -449,6 +469,26 @@ def _bytes_blob(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def _json_strings(name: str, array: np.ndarray) -> list[str]:
+    """A BYTES output as JSON strings. JSON strings are UTF-8: bytes that are not cannot be
+    one without changing them, so the reply is refused, naming the output and the remedy
+    (binary tensor data carries any bytes)."""
+    out = []
+    for v in array.ravel():
+        if isinstance(v, bytes):
+            try:
+                out.append(v.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise InvalidArgument(
+                    f"output '{name}' holds bytes that are not UTF-8, which a JSON string cannot "
+                    "carry; ask for it as binary tensor data (outputs[].parameters.binary_data: "
+                    "true, or parameters.binary_data_output: true)"
+                ) from None
+        else:
+            out.append(str(v))
+    return out
+
+
 def encode_response(result: InferResult, request: Request) -> tuple[list[bytes], int | None]:
     """The reply body as parts to join, and the JSON header's length when binary data follows."""
     outputs = []
@@ -465,10 +505,7 @@ def encode_response(result: InferResult, request: Request) -> tuple[list[bytes],
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif datatype == "BYTES":
-            entry["data"] = [
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                for v in array.ravel()
-            ]
+            entry["data"] = _json_strings(name, array)
         else:
             entry["data"] = np.ascontiguousarray(array).reshape(-1)
         outputs.append(entry)
