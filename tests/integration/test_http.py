@@ -19,6 +19,7 @@ import struct
 import subprocess
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,24 @@ def test_tritonclient_http_compressed_request_and_statistics(
     assert after["inference_count"] >= before["inference_count"] + 2 * len(features)
 
 
+def test_tritonclient_http_compressed_responses(
+    client: triton_http.InferenceServerClient, session: ort.InferenceSession, features: np.ndarray
+) -> None:
+    """tritonclient asks for a gzip or deflate reply (Accept-Encoding) and reads it, binary
+    outputs included (Inference-Header-Content-Length counts the uncompressed header)."""
+    for algorithm in ("gzip", "deflate"):
+        for binary in (False, True):
+            tensor = triton_http.InferInput("input", list(features.shape), "FP32")
+            tensor.set_data_from_numpy(features)
+            outputs = [triton_http.InferRequestedOutput("probabilities", binary_data=binary)]
+            result = client.infer(
+                "churn", [tensor], outputs=outputs, response_compression_algorithm=algorithm
+            )
+            np.testing.assert_allclose(
+                result.as_numpy("probabilities"), expected(session, features)[1], rtol=1e-6
+            )
+
+
 def test_tritonclient_http_errors_carry_the_servers_message(
     client: triton_http.InferenceServerClient,
 ) -> None:
@@ -336,6 +355,40 @@ async def test_binary_tensor_data_both_ways(
     )
 
 
+async def test_replies_are_compressed_as_accept_encoding_asks(app: App) -> None:
+    x = rows(40, False)
+    body = infer_json(x)
+    plain = await call(app.http_port, "POST", "/v2/models/churn/infer", body)
+    assert "content-encoding" not in plain.headers
+    decode = {"gzip": gzip.decompress, "deflate": zlib.decompress}
+    for accept, coding in [
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("br, deflate;q=0.5, gzip;q=0.8", "gzip"),  # gzip first, as Triton's front prefers
+        ("gzip;q=0, deflate", "deflate"),  # q=0: the client refuses gzip
+    ]:
+        reply = await call(
+            app.http_port, "POST", "/v2/models/churn/infer", body,
+            headers={"Accept-Encoding": accept},
+        )  # fmt: skip
+        assert reply.status == 200
+        assert reply.headers["content-encoding"] == coding, accept
+        assert reply.headers["vary"] == "accept-encoding"
+        assert int(reply.headers["content-length"]) == len(reply.body) < len(plain.body)
+        assert json.loads(decode[coding](reply.body)) == plain.json()
+    for accept in ("identity", "br", "gzip;q=0"):
+        reply = await call(
+            app.http_port, "POST", "/v2/models/churn/infer", body,
+            headers={"Accept-Encoding": accept},
+        )  # fmt: skip
+        assert "content-encoding" not in reply.headers, accept
+        assert reply.json() == plain.json()
+    # A reply too short to gain from it goes out as it is.
+    live = await call(app.http_port, "GET", "/v2/health/live", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in live.headers
+    assert live.json() == {"live": True}
+
+
 async def test_gzip_body_and_chunked_upload(
     app: App, session: ort.InferenceSession, features: np.ndarray
 ) -> None:
@@ -423,6 +476,11 @@ BAD_REQUESTS = [
         json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 15],
                                 "data": ["a"] * 15}]}).encode(),
         "data holds strings",
+    ),
+    (
+        json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 15],
+                                "data": [0.5] * 14 + [True]}]}).encode(),
+        "input 'input' of datatype FP32: data holds true/false",
     ),
     (
         json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": "1,15",

@@ -17,6 +17,7 @@ Errors answer {"error": "..."} with KServe's status mapping (`STATUS`).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import time
 import zlib
@@ -89,6 +90,10 @@ OFFLOAD_BYTES = 256 * 1024
 _CT_JSON = (b"content-type", JSON.encode())
 _CT_OCTET = (b"content-type", OCTET_STREAM.encode())
 _CLOSE = (b"connection", b"close")
+_VARY = (b"vary", b"accept-encoding")
+# Replies shorter than this go out as they are whatever Accept-Encoding says (Triton's front
+# compresses every reply; a few dozen bytes only grow under gzip's 18-byte frame).
+COMPRESS_MIN_BYTES = 256
 _EMPTY = b"{}"
 
 
@@ -138,6 +143,13 @@ class RestApp:
         except Exception as exc:  # a bug: answered, logged, never a traceback to the client
             log.exception("REST request %s %s failed", scope["method"], scope["path"])
             status, body = 500, _error(f"internal error: {type(exc).__name__}")
+        coding = _accepted_coding(scope["headers"]) if len(body) >= COMPRESS_MIN_BYTES else None
+        if coding is not None:
+            if len(body) > OFFLOAD_BYTES:
+                body = await asyncio.to_thread(_compress, body, coding)
+            else:
+                body = _compress(body, coding)
+            extra = [*extra, (b"content-encoding", coding), _VARY]
         headers = [(b"content-length", b"%d" % len(body))]
         if _CT_OCTET not in extra:
             headers.append(_CT_JSON)
@@ -398,6 +410,34 @@ class RestApp:
             b"".join(parts),
             [(b"inference-header-content-length", b"%d" % header), _CT_OCTET],
         )
+
+
+def _accepted_coding(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """gzip or deflate if the request's Accept-Encoding takes one (gzip first, as Triton's HTTP
+    front does), else None. A coding given q=0 is refused by the client, so not used."""
+    for key, value in headers:
+        if key != b"accept-encoding":
+            continue
+        taken = set()
+        for item in value.lower().split(b","):
+            coding, _, params = item.strip().partition(b";")
+            q = params.strip()
+            if q.startswith(b"q=") and q[2:].strip() in (b"0", b"0.0", b"0.00", b"0.000"):
+                continue
+            taken.add(coding.strip())
+        for coding in (b"gzip", b"deflate"):
+            if coding in taken:
+                return coding
+        return None
+    return None
+
+
+def _compress(body: bytes, coding: bytes) -> bytes:
+    # Level 1: replies are small and the loop's time is what a server has least of; most of
+    # the ratio comes from the first level (float tensors barely compress further).
+    if coding == b"gzip":
+        return gzip.compress(body, compresslevel=1, mtime=0)
+    return zlib.compress(body, 1)  # HTTP's "deflate" is the zlib format (RFC 9110 8.4.1.2)
 
 
 def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
