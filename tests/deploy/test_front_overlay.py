@@ -105,6 +105,22 @@ def test_services_reach_nginx_and_nginx_reaches_the_servers_grpc_port() -> None:
     assert int(env["MAX_IN_FLIGHT"]) >= 1
 
 
+def test_no_two_containers_of_the_pod_listen_on_one_port() -> None:
+    """The pod's containers share one network namespace: nginx's front port must be none of
+    the server's (gRPC, REST, metrics) nor the drift sidecar's."""
+    spec = built()[("Deployment", "batchline")]["spec"]["template"]["spec"]
+    ports = [
+        p["containerPort"]
+        for c in [*spec["containers"], *spec.get("initContainers", [])]
+        for p in c.get("ports", [])
+    ]
+    assert len(ports) == len(set(ports)), sorted(ports)
+    nginx = _containers(built())["nginx"]
+    listen = int(env_value(nginx, "LISTEN").rsplit(":", 1)[1])
+    assert ports.count(listen) == 1
+    assert nginx["readinessProbe"]["tcpSocket"]["port"] == listen
+
+
 def test_nginx_renders_the_mounted_template_with_exactly_its_variables() -> None:
     docs = built()
     nginx = _containers(docs)["nginx"]

@@ -346,6 +346,11 @@ def test_cluster_serving_runtime_has_the_crd_shape_and_a_real_command() -> None:
     assert args.command == "serve"
     assert args.registry == "/mnt/models", "KServe's storage initializer downloads there"
     assert args.grpc_port == SERVER.grpc_port
+    # REST is served too, on the port the REST InferenceService form names (Triton's 8000).
+    assert args.http_port == SERVER.http_port == 8000
+    assert "v2" in spec["protocolVersions"]
+    assert "containerPort: 8000" in (KSERVE / "inferenceservice.yaml").read_text()
+    assert len({args.grpc_port, args.http_port, args.metrics_port}) == 3
     assert str(args.metrics_port) == spec["annotations"]["prometheus.kserve.io/port"]
     name = resource("InferenceService", KSERVE)["metadata"]["name"]
     refs = tuple(ref.replace("{{.Name}}", name) for ref in args.model)
