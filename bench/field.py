@@ -13,6 +13,11 @@ churn_mlp = 3x1024 MLP), 1 row per request:
 - mlserver   MLServer 1.7.1, adaptive batching 32 / 5 ms, parallel_workers 0, a small ONNX
              Runtime MLModel (bench/peers/mlserver_runtime.py; 1.7.1 ships no ONNX runtime)
 
+batchline and Triton are also measured over their V2 REST endpoints (calls `http`: Triton's
+binary tensor data extension both ways, perf_analyzer's default; `http-json`: JSON tensors both
+ways), on churn, by perf_analyzer -i http in its sync mode (its --async HTTP mode fails against
+HTTP/1.1 servers here): one connection and one thread per concurrent request.
+
 Each server is started alone, warmed, measured (perf_analyzer --async, and --streaming for
 ModelStreamInfer, fixed windows with the stability check relaxed so a noisy machine finishes),
 and stopped. Server CPU comes from /proc/PID/stat of the server's process tree and client CPU
@@ -58,6 +63,11 @@ NO_STREAM = {
     "mlserver": "not measured: MLServer's ModelStreamInfer answers ModelInferResponse, not "
     "Triton's ModelStreamInferResponse, so perf_analyzer misreads every reply",
 }
+# Servers whose V2 REST endpoint is measured, and on which models (the issue's HTTP targets
+# are on churn; the heavy model adds little to a comparison of fronts).
+HTTP_SERVERS = ("batchline", "triton")
+HTTP_MODELS = ("churn",)
+CALLS = ("unary", "stream", "http", "http-json")
 README_MARKERS = ("<!-- field-table -->", "<!-- /field-table -->")
 
 
@@ -124,7 +134,7 @@ def cores_used(
 class Point:
     server: str
     model: str  # "-" for the echo server's fixed reply
-    call: str  # unary | stream
+    call: str  # unary | stream (gRPC) | http (binary tensor data) | http-json
     concurrency: int
     rps: float | None = None
     p50_ms: float | None = None
@@ -166,6 +176,18 @@ TARGETS: tuple[tuple[str, dict[str, Any], dict[str, Any], str, str, float], ...]
     ("churn c=64 unary server CPU per request: batchline / echo",
      {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
      {"server": "echo", "call": "unary", "concurrency": 64}, "server_us_per_request", "<=", 1.15),
+    ("churn c=64 req/s: batchline HTTP (binary) / Triton HTTP",
+     {"server": "batchline", "model": "churn", "call": "http", "concurrency": 64},
+     {"server": "triton", "model": "churn", "call": "http", "concurrency": 64}, "rps", ">=", 1.0),
+    ("churn c=64 req/s: batchline HTTP (binary) / batchline gRPC unary",
+     {"server": "batchline", "model": "churn", "call": "http", "concurrency": 64},
+     {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64}, "rps", ">=", 1.5),
+    ("churn c=64 req/s: batchline HTTP JSON / HTTP binary",
+     {"server": "batchline", "model": "churn", "call": "http-json", "concurrency": 64},
+     {"server": "batchline", "model": "churn", "call": "http", "concurrency": 64}, "rps", ">=", 0.6),
+    ("churn c=1 p50: batchline HTTP (binary) / batchline gRPC unary",
+     {"server": "batchline", "model": "churn", "call": "http", "concurrency": 1},
+     {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 1}, "p50_ms", "<=", 1.1),
 )  # fmt: skip
 
 
@@ -187,7 +209,8 @@ def targets(points: list[Point]) -> list[dict[str, Any]]:
         per_core = None
         notes = []
         pair = [p for p in (num, den) if p is not None]
-        saturated = [p.server for p in pair if p.client_saturated]
+        # dict.fromkeys: a server named once when both rows are its own (HTTP / gRPC)
+        saturated = list(dict.fromkeys(p.server for p in pair if p.client_saturated))
         if saturated:
             notes.append(f"client saturated ({', '.join(saturated)})")
         if attr == "rps":
@@ -199,7 +222,9 @@ def targets(points: list[Point]) -> list[dict[str, Any]]:
                 if p.concurrency > 1 and p.server_cores is not None and p.server_cores < SATURATED_CORES
             ]  # fmt: skip
             if starved:
-                notes.append(f"server under {SATURATED_CORES} cores ({', '.join(starved)})")
+                notes.append(
+                    f"server under {SATURATED_CORES} cores ({', '.join(dict.fromkeys(starved))})"
+                )
         out.append(
             {
                 "target": name,
@@ -255,7 +280,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Measured {result['date']} on {m['cpus']} cores ({m['cpu_model']}; load average "
         f"{m['loadavg_before']} before the run, {m.get('loadavg_after', '?')} after), Python {m['python']}, onnxruntime "
         f"{m['onnxruntime']}. Client: perf_analyzer (tritonclient 2.41) `--async` "
-        f"(`--streaming` for the stream rows), 1 row per request, the mean of 3 windows of "
+        f"(`--streaming` for the stream rows; `-i http` in sync mode for the http rows, binary "
+        f"tensor data or JSON both ways), 1 row per request, the mean of 3 windows of "
         f"{method['window_ms']} ms per point (at most {method['max_trials']} windows; stability "
         f"check relaxed), after a "
         f"{method['warmup_ms']} ms x 3 warm-up per model; {pin}. Each server started alone, on "
@@ -312,12 +338,20 @@ def perf_analyzer_cmd(
     port: int, model: str, concurrency: int, call: str, window_ms: int, trials: int,
     report: Path, shape: str | None, cpus: str | None,
 ) -> list[str]:  # fmt: skip
+    """perf_analyzer for one point; `port` is the gRPC port, or the HTTP one for http calls."""
+    http = call in ("http", "http-json")
     cmd = [
-        str(PERF_ANALYZER), "-i", "grpc", "-u", f"127.0.0.1:{port}", "-m", model,
-        "--concurrency-range", str(concurrency), "--measurement-interval", str(window_ms),
-        "--stability-percentage", "1000", "--max-trials", str(trials), "-f", str(report),
-        "--streaming" if call == "stream" else "--async",
+        str(PERF_ANALYZER), "-i", "http" if http else "grpc", "-u", f"127.0.0.1:{port}",
+        "-m", model, "--concurrency-range", str(concurrency),
+        "--measurement-interval", str(window_ms), "--stability-percentage", "1000",
+        "--max-trials", str(trials), "-f", str(report),
     ]  # fmt: skip
+    if call == "stream":
+        cmd.append("--streaming")
+    elif call == "http-json":
+        cmd += ["--input-tensor-format", "json", "--output-tensor-format", "json"]
+    elif not http:
+        cmd.append("--async")  # HTTP stays in sync mode: its --async fails on HTTP/1.1 servers
     if shape:
         cmd += ["--shape", shape]
     return ["taskset", "-c", cpus, *cmd] if cpus else cmd
@@ -346,8 +380,9 @@ def measure(
     point = Point(label, "-" if label == "echo" else model, call, concurrency)
     report = work / f"{label}-{model}-{call}-c{concurrency}.csv"
     shape = "input:1,15" if label == "echo" else None  # echo's config has no batch dimension
+    port = server.http_port if call in ("http", "http-json") else server.port
     cmd = perf_analyzer_cmd(
-        server.port, model, concurrency, call, window_ms, trials, report, shape, args.client_cpus
+        port, model, concurrency, call, window_ms, trials, report, shape, args.client_cpus
     )
     report.unlink(missing_ok=True)  # the warm-up wrote one under the same name
     before = server.counts(model)
@@ -401,18 +436,31 @@ def start_server(label: str, work: Path, registry: Path, onnx: dict[str, Path], 
     raise ValueError(f"unknown server {label!r}")
 
 
-def run_server(
-    label: str, args: argparse.Namespace, work: Path, registry: Path, onnx: dict[str, Path]
-) -> list[Point]:
-    from bench.processes import LaunchError
-
-    models = ["churn"] if label == "echo" else [m for m in args.models if m in onnx]
+def measurement_plan(
+    label: str, models: list[str], args: argparse.Namespace
+) -> tuple[list[tuple[str, str, int]], list[Point]]:
+    """(model, call, concurrency) to measure on `label`, in order, and the points left out
+    with the reason."""
     plan = [(m, "unary", c) for m in models for c in args.levels]
     skipped: list[Point] = []
     if label in NO_STREAM:
         skipped = [Point(label, m, "stream", c, error=NO_STREAM[label]) for m in models for c in args.stream_levels]  # fmt: skip
     else:
         plan += [(m, "stream", c) for m in models for c in args.stream_levels]
+    if label in HTTP_SERVERS:
+        for m in (m for m in models if m in HTTP_MODELS):
+            plan += [(m, "http", c) for c in args.http_levels]
+            plan += [(m, "http-json", c) for c in args.http_json_levels]
+    return plan, skipped
+
+
+def run_server(
+    label: str, args: argparse.Namespace, work: Path, registry: Path, onnx: dict[str, Path]
+) -> list[Point]:
+    from bench.processes import LaunchError
+
+    models = ["churn"] if label == "echo" else [m for m in args.models if m in onnx]
+    plan, skipped = measurement_plan(label, models, args)
     try:
         server = start_server(label, work, registry, onnx, args.server_cpus)
     except (LaunchError, OSError, subprocess.CalledProcessError) as exc:
@@ -532,6 +580,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=csv_list, default=list(MODELS))
     parser.add_argument("--levels", type=int_list, default=[1, 64], help="unary concurrencies")
     parser.add_argument("--stream-levels", type=int_list, default=[64], help="ModelStreamInfer")
+    parser.add_argument(
+        "--http-levels", type=int_list, default=[1, 64],
+        help="REST concurrencies, binary tensor data (batchline, triton; churn)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--http-json-levels", type=int_list, default=[64], help="REST concurrencies, JSON tensors"
+    )
     parser.add_argument("--window-ms", type=int, default=4000, help="one measurement window")
     parser.add_argument(
         "--max-trials",
@@ -607,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine,
         "method": {
-            "client": "perf_analyzer (tritonclient 2.41.0 wheel), --async / --streaming",
+            "client": "perf_analyzer (tritonclient 2.41.0 wheel), --async / --streaming; "
+            "-i http in sync mode for the http rows",
             "rows_per_request": 1,
             "window_ms": args.window_ms,
             "max_trials": args.trials,

@@ -46,6 +46,7 @@ class Server:
     port: int
     log: Path
     counts: Counts = field(default=lambda _model: None)
+    http_port: int = 0  # the V2 REST port, 0 when the server has none
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.pid)
@@ -117,7 +118,10 @@ def _start_with_ready_file(name: str, cmd: list[str], work: Path) -> Server:
     popen, info = start_with_ready_file(
         name, cmd, work / f"{name}.ready.json", log, timeout_s=180, new_session=True
     )
-    return Server(name, popen, int(info["pid"]), int(info["grpc_port"]), log)
+    return Server(
+        name, popen, int(info["pid"]), int(info["grpc_port"]), log,
+        http_port=int(info.get("http_port") or 0),
+    )  # fmt: skip
 
 
 # ---- the servers -----------------------------------------------------------------------------
@@ -143,8 +147,8 @@ def start_batchline(
     name = "batchline" if batching else "batchline-nobatch"
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--log-level", "warning",
-        *(a for m in models for a in ("--model", f"{m}@production")),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+        "--log-level", "warning", *(a for m in models for a in ("--model", f"{m}@production")),
     ]  # fmt: skip
     if not batching:
         cmd.append("--no-batching")
@@ -222,10 +226,10 @@ def start_triton(
         p for p in (str(site / "nvidia_pytriton.libs"), libpython, env.get("LD_LIBRARY_PATH")) if p
     )
     env.pop("PYTHONPATH", None)
-    grpc_port = free_port()
+    grpc_port, http_port = free_port(), free_port()
     cmd = [
         str(binary), "--model-repository", str(repo), "--backend-directory", str(root / "backends"),
-        "--grpc-port", str(grpc_port), "--http-port", str(free_port()),
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--metrics-port", str(free_port()), "--log-verbose", "0",
         # Triton 2.51 segfaults (TRITONSERVER_InferenceRequestDelete) on ModelStreamInfer once
         # more requests are in flight than its gRPC state pool holds (default 8: c=16 worked,
@@ -235,7 +239,7 @@ def start_triton(
     log = work / "triton.log"
     popen = _popen(pinned(cmd, cpus), log, env)
     wait_ready("triton", popen, log, grpc_port, list(models))
-    server = Server("triton", popen, popen.pid, grpc_port, log)
+    server = Server("triton", popen, popen.pid, grpc_port, log, http_port=http_port)
     server.counts = lambda model: model_statistics(grpc_port, model)
     return server
 

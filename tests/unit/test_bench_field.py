@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +12,9 @@ from bench.field import (
     README_MARKERS,
     Point,
     cores_used,
+    measurement_plan,
     parse_perf_csv,
+    perf_analyzer_cmd,
     replace_block,
     targets,
 )
@@ -95,6 +99,10 @@ def test_targets_are_ratios_of_the_named_rows() -> None:
         point("triton", "churn", "unary", 64, rps=3500.0),
         point("batchline", "churn_mlp", "unary", 64, rps=1000.0),
         point("triton", "churn_mlp", "unary", 64, rps=2000.0),
+        point("batchline", "churn", "http", 64, rps=4000.0),
+        point("batchline", "churn", "http", 1, rps=900.0, p50_ms=1.1),
+        point("batchline", "churn", "http-json", 64, rps=2000.0),
+        point("triton", "churn", "http", 64, rps=3600.0),
     ]
     got = {t["target"]: t for t in targets(points)}
     expected = {
@@ -104,6 +112,10 @@ def test_targets_are_ratios_of_the_named_rows() -> None:
         "churn c=64 req/s: batchline ModelStreamInfer / Triton unary": (1.0, True),
         "churn_mlp c=64 unary req/s: batchline / Triton": (0.5, False),
         "churn c=64 unary server CPU per request: batchline / echo": (550 / 440, False),
+        "churn c=64 req/s: batchline HTTP (binary) / Triton HTTP": (4000 / 3600, True),
+        "churn c=64 req/s: batchline HTTP (binary) / batchline gRPC unary": (4000 / 2430, True),
+        "churn c=64 req/s: batchline HTTP JSON / HTTP binary": (0.5, False),  # < 0.6
+        "churn c=1 p50: batchline HTTP (binary) / batchline gRPC unary": (1.1 / 1.2, True),
     }
     assert set(got) == set(expected)
     for name, (ratio, met) in expected.items():
@@ -156,3 +168,32 @@ def test_replace_block_swaps_only_the_field_table() -> None:
 def test_replace_block_without_markers_names_them() -> None:
     with pytest.raises(ValueError, match="field-table"):
         replace_block("no markers here", "table")
+
+
+def test_http_points_drive_perf_analyzer_over_http_in_sync_mode() -> None:
+    def cmd(call: str) -> list[str]:
+        return perf_analyzer_cmd(8000, "churn", 64, call, 500, 3, Path("r.csv"), None, None)
+
+    binary, json_, grpc_ = cmd("http"), cmd("http-json"), cmd("unary")
+    assert binary[binary.index("-i") + 1] == "http"
+    assert "--async" not in binary  # sync: one thread and connection per concurrent request
+    assert "--streaming" not in binary
+    assert "--input-tensor-format" not in binary  # perf_analyzer's default: binary both ways
+    assert json_[json_.index("--input-tensor-format") + 1] == "json"
+    assert json_[json_.index("--output-tensor-format") + 1] == "json"
+    assert grpc_[grpc_.index("-i") + 1] == "grpc"
+    assert "--async" in grpc_
+
+
+def test_http_rows_are_planned_for_batchline_and_triton_on_churn_only() -> None:
+    args = argparse.Namespace(levels=[1, 64], stream_levels=[64], http_levels=[1, 64],
+                              http_json_levels=[64])  # fmt: skip
+    plan, skipped = measurement_plan("batchline", ["churn", "churn_mlp"], args)
+    http = [(m, call, c) for m, call, c in plan if call.startswith("http")]
+    assert http == [("churn", "http", 1), ("churn", "http", 64), ("churn", "http-json", 64)]
+    assert not skipped
+    triton, _ = measurement_plan("triton", ["churn"], args)
+    assert ("churn", "http", 64) in triton
+    for label in ("echo", "naive", "mlserver", "batchline-nobatch"):
+        others, _ = measurement_plan(label, ["churn"], args)
+        assert all(not call.startswith("http") for _m, call, _c in others), label
