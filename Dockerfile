@@ -41,7 +41,7 @@ ENTRYPOINT ["batchline", "models", "build-demo", "--registry", "/var/lib/batchli
 # ---- runtime: the serving image (default target) ---------------------------------------------
 FROM base AS runtime
 RUN --mount=type=bind,from=build,source=/wheels,target=/tmp/wheels \
-    pip install --no-cache-dir /tmp/wheels/batchline-*.whl
+    pip install --no-cache-dir "$(echo /tmp/wheels/batchline-*.whl)[import]"
 COPY deploy/batchline.toml /etc/batchline/batchline.toml
 USER 10001:10001
 # gRPC (inference + grpc.health.v1), Prometheus metrics.

@@ -25,7 +25,7 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from registry_client.errors import RegistryError
 from registry_client.file_registry import FileRegistry
@@ -39,6 +39,9 @@ from registry_client.types import ModelVersion
 
 PROG = "batchline registry"
 REGISTRY_ENV = "BATCHLINE_REGISTRY"
+if TYPE_CHECKING:
+    from registry_client.triton_repo import Imported
+
 _Handler = Callable[[argparse.Namespace], int]
 
 
@@ -268,25 +271,42 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import(args: argparse.Namespace) -> int:
+def import_folder(
+    path: Path, name: str | None, open_target: Callable[[], Registry], alias: str
+) -> list[Imported]:
+    """Register the models at `path` (a Triton repository, one model's folder, a folder of one
+    .onnx, or a bare .onnx) into the registry `open_target` opens, each newest version under
+    `alias`. Every config is read and every model file checked servable (ZipMap unwrapped, as
+    `register` does) before anything is written."""
     from registry_client import servable
-    from registry_client.triton_repo import find_models, import_models, toml_table
+    from registry_client.triton_repo import find_models, import_models
 
-    models = find_models(args.path, args.name)  # every config is read before anything is written
+    models = find_models(path, name)
     with servable.work_dir() as scratch:
-        # ... and every model file checked servable (ZipMap unwrapped), as `register` does.
         prepared = {}
-        for i, path in enumerate(p for m in models for _, p in m.versions):
+        for i, file in enumerate(p for m in models for _, p in m.versions):
             work = Path(scratch) / str(i)
             work.mkdir()
-            prepared[path] = servable.prepare(path, work)
-        registry = _open(args, create=True)
+            prepared[file] = servable.prepare(file, work)
+        registry = open_target()
         imported = import_models(
             registry,
             models,
-            lambda path: (prepared[path].path, prepared[path].signature, prepared[path].tags),
-            source=f"batchline registry import {args.path}",
+            lambda file: (prepared[file].path, prepared[file].signature, prepared[file].tags),
+            source=f"batchline registry import {path}",
         )
+    for item in imported:
+        newest = item.versions[-1][1]
+        _move(registry, newest.name, alias, newest.version)
+    return imported
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from registry_client.triton_repo import toml_table
+
+    imported = import_folder(
+        args.path, args.name, lambda: _open(args, create=True), args.alias or DEFAULT_ALIAS
+    )
     tables = []
     for item in imported:
         for triton_version, mv in item.versions:
@@ -295,8 +315,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 f"{_summary(mv)}"
             )
         newest = item.versions[-1][1]
-        _move(registry, newest.name, args.alias, newest.version)
-        tables.append(toml_table(item.model, f"{newest.name}@{args.alias}"))
+        tables.append(toml_table(item.model, f"{newest.name}@{args.alias or DEFAULT_ALIAS}"))
     text = "\n\n".join(tables) + "\n"
     if args.config_out is not None:
         args.config_out.write_text(text)

@@ -234,6 +234,22 @@ def _model_dir(path: Path, name: str) -> TritonModel | None:
     return TritonModel(name, tuple(sorted(versions)), settings)
 
 
+def _has_versions(folder: Path) -> bool:
+    return any(c.is_dir() and c.name.isdecimal() for c in folder.iterdir())
+
+
+def looks_like_models(root: Path) -> bool:
+    """Whether `root` holds model files to import (a Triton repository, one model's folder, or
+    one .onnx) rather than being a batchline registry."""
+    if not root.is_dir():
+        return False
+    if any(root.glob("*.onnx")) or (root / "config.pbtxt").is_file() or _has_versions(root):
+        return True
+    return any(
+        c.is_dir() and ((c / "config.pbtxt").is_file() or _has_versions(c)) for c in root.iterdir()
+    )
+
+
 def find_models(root: Path, name: str | None = None) -> list[TritonModel]:
     """The models under `root`: a repository (folders of models), one model's folder, or a
     bare .onnx file (named `name`, else after the file)."""
@@ -246,6 +262,11 @@ def find_models(root: Path, name: str | None = None) -> list[TritonModel]:
     own = _model_dir(root, name or root.name)
     if own is not None:
         return [own]
+    # A folder holding one model file and nothing else to import (what a KServe storageUri of
+    # one model.onnx downloads to /mnt/models): that file, as one version.
+    files = sorted(root.glob("*.onnx"))
+    if len(files) == 1 and not any(_has_versions(c) for c in root.iterdir() if c.is_dir()):
+        return [TritonModel(name or root.name, ((1, files[0]),))]
     if name is not None:
         raise RegistryError(f"--name fits one model; {root} is a repository of several")
     models = [

@@ -215,6 +215,39 @@ def _serve_workers(settings: Settings, debug: bool = False) -> int:
     return max((proc.exitcode or 0) for proc in procs)
 
 
+def _import_model_folder(settings: Settings, label: str) -> Settings:
+    """`--registry` naming model files instead of a registry (a Triton repository, or the one
+    model.onnx a KServe storageUri downloads to /mnt/models): import them into a registry of
+    their own in the cache, afresh at every start (the folder is the truth), and serve that.
+    A one-file folder takes the name of the one model served (`--model NAME@production`)."""
+    import hashlib
+
+    from registry_client.file_registry import FileRegistry
+    from registry_client.triton_repo import looks_like_models
+
+    folder = Path(settings.server.registry)
+    if not folder.is_dir() or FileRegistry(folder).list_models() or not looks_like_models(folder):
+        return settings
+    # One model's files (one .onnx, or one model's config.pbtxt / version folders) take the
+    # name of the one model served; a repository's models keep their folder names.
+    names = {m.name for m in settings.models}
+    single = (
+        any(folder.glob("*.onnx"))
+        or (folder / "config.pbtxt").is_file()
+        or any(c.is_dir() and c.name.isdecimal() for c in folder.iterdir())
+    )
+    name = next(iter(names)) if single and len(names) == 1 else None
+    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    base = settings.server.registry_cache_dir or os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    target = Path(base).expanduser() / "batchline" / "imported" / where
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    imported = registry_cli.import_folder(folder, name, lambda: FileRegistry(target), "production")
+    models = ", ".join(item.model.name for item in imported)
+    print(f"{label}: model files, not a registry: imported {models} into {target}", flush=True)
+    return replace(settings, server=replace(settings.server, registry=str(target)))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _check_config_file(args.config)
     settings = load_settings(
@@ -252,6 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         label = f"--registry {registry}" if args.registry else f"server.registry {registry}"
         try:
             registry_cli.check_registry_folder(registry, label)
+            settings = _import_model_folder(settings, label)
         except RegistryError as exc:
             raise ConfigError(str(exc)) from None
     if settings.server.workers > 1:
