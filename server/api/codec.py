@@ -131,11 +131,7 @@ class Decoder:
             limits = served.decode_state = Limits(
                 served.max_batch_size, self._max_elements, self._max_id_bytes
             )
-        signature = (
-            served.runtime.signature
-            if served.entity_signature is None
-            else served.request_signature([t.name for t in request.inputs])
-        )
+        signature = served.request_signature(request.inputs)
         try:
             decoded = decode_request(request, signature, limits, version, deadline)
         except ServingError as exc:

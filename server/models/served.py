@@ -69,16 +69,18 @@ class ServedModel:
     def max_batch_size(self) -> int:
         return self.settings.max_batch_size
 
-    def request_signature(self, names: Sequence[str]) -> ModelSignature:
-        """The signature a request sending tensors `names` is checked against: the model's, or
-        for an entity-keyed version, ids alone (the server reads the features) or features
-        and ids together (the features win; the ids route and label the request)."""
+    def request_signature(self, tensors: Sequence[Any]) -> ModelSignature:
+        """The signature a request sending `tensors` (anything with a `.name`: the request's
+        input headers) is checked against: the model's, or for an entity-keyed version, ids
+        alone (the server reads the features) or features and ids together (the features win;
+        the ids route and label the request)."""
         entity = self.entity_signature
         if entity is not None:
             key = entity.inputs[0].name
-            if len(names) == 1 and names[0] == key:
+            n = len(tensors)
+            if n == 1 and tensors[0].name == key:
                 return entity
-            if len(names) == 2 and key in names:
+            if n == 2 and key in (tensors[0].name, tensors[1].name):
                 return self.combined_signature or self.runtime.signature
         return self.runtime.signature
 
