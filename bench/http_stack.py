@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from bench.processes import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "run"
@@ -190,12 +191,7 @@ def measure(stack: str, concurrency: int, seconds: float, workdir: Path) -> dict
             "p50_us": int(p50.group(1)) if p50 else None,
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout_s=10)
 
 
 def main() -> int:

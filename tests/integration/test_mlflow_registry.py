@@ -39,6 +39,7 @@ from registry_client import (
 from registry_client.cli import main as registry_cli
 from registry_client.http import HttpStatusError, JsonHttpClient
 from registry_client.mlflow_registry import ALIAS_HISTORY_TAG, API, FILES_TAG, MANIFEST_TAG
+from tests.support.models import register_again
 from tests.support.processes import MlflowServer, free_port
 from tests.support.requests import infer_request
 
@@ -76,16 +77,7 @@ def name() -> str:
 
 def copy_in(registry: Registry, name: str, mv: ModelVersion) -> ModelVersion:
     """Register a demo version (its bytes and metadata) under `name`."""
-    return registry.register(
-        name,
-        Path(mv.artifact),
-        signature=mv.signature,
-        metrics=mv.metrics,
-        tags=mv.tags,
-        features=mv.features,
-        source=mv.source,
-        description=mv.description,
-    )
+    return register_again(registry, name, mv, Path(mv.artifact))
 
 
 def rest(server: MlflowServer) -> JsonHttpClient:

@@ -7,10 +7,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from registry_client import FileRegistry, ModelVersion, Signature, TensorInfo
+from registry_client import FileRegistry, ModelVersion, Registry, Signature, TensorInfo
 
 SIGNATURE = Signature(
     inputs=(TensorInfo("input", "FP32", (-1, 15)),),
@@ -145,6 +146,24 @@ def tamper_in_place(path: Path) -> None:
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+def register_again(
+    registry: Registry, name: str, mv: ModelVersion, artifact: Path, **extra: Any
+) -> ModelVersion:
+    """Register `artifact` under `name` with `mv`'s metadata (signature, metrics, tags,
+    features, source, description); `extra` adds keyword arguments (attachments=...)."""
+    return registry.register(
+        name,
+        artifact,
+        signature=mv.signature,
+        metrics=mv.metrics,
+        tags=mv.tags,
+        features=mv.features,
+        source=mv.source,
+        description=mv.description,
+        **extra,
+    )
+
+
 def register_with_attachment(root: Path, name: str, version: str, filename: str, text: str) -> None:
     """Make `name`@`version` in the registry at `root` a version registered with `text` as its
     attachment `filename` (the same model and other files). Editing the file in place would be
@@ -161,15 +180,11 @@ def register_with_attachment(root: Path, name: str, version: str, filename: str,
             for f in mv.files
             if f not in {"model.onnx", *mv.external_data}
         }
-        new = FileRegistry(Path(tmp) / "scratch").register(
+        new = register_again(
+            FileRegistry(Path(tmp) / "scratch"),
             name,
+            mv,
             store.fetch(mv),
-            signature=mv.signature,
-            metrics=mv.metrics,
-            tags=mv.tags,
-            features=mv.features,
-            source=mv.source,
-            description=mv.description,
             attachments={**attachments, filename: source},
         )
         shutil.rmtree(folder)

@@ -29,6 +29,7 @@ from bench.processes import (
     nginx_binary,
     start_nginx,
     start_with_ready_file,
+    stop,
 )
 from tests.support.polling import eventually_blocking
 
@@ -324,11 +325,5 @@ def spawn_echo(workdir: Path) -> Iterator[int]:
         assert info["pid"] == proc.pid
         yield int(info["grpc_port"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("echo server ignored SIGTERM") from None
-    assert proc.returncode == 0, (workdir / "echo.log").read_text()
+        code = stop(proc, timeout_s=15)  # killed past 15 s: a negative code, failing below
+    assert code == 0, (workdir / "echo.log").read_text()
