@@ -17,6 +17,7 @@ from typing import Any
 
 from registry_client import Registry, RegistryError, open_registry
 from registry_client.control import open_control_store
+from server import heap
 from server.api.admin import AdminGuard, AdminServicer, resolve_admin_token
 from server.api.http import RestApp, RestServer
 from server.api.server import Health, TlsFiles, build_server
@@ -106,6 +107,7 @@ class App:
             self.metrics,
             tracing=active_tracing,
             pair_sink=self.pair_log.append,
+            on_retired=self._settle_heap,
         )
         self.features: FeatureLookup | None = None
         feature_metrics: FeatureMetrics | None = None
@@ -265,6 +267,7 @@ class App:
             self.http_port,
             self.metrics_port,
         )
+        self._settle_heap()
         if server_settings.ready_file:
             write_ready_file(
                 server_settings.ready_file,
@@ -275,6 +278,11 @@ class App:
                     "pid": os.getpid(),
                 },
             )
+
+    def _settle_heap(self) -> None:
+        """Keep full garbage-collector passes off the request path (server/heap.py)."""
+        if self.settings.server.gc_freeze:
+            heap.settle()
 
     async def _start_rest(self, guard: AdminGuard) -> None:
         """The V2 REST binding on the same loop, through the same pipeline as gRPC."""
@@ -351,6 +359,8 @@ class App:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.settings.server.gc_freeze:
+            heap.release()  # what it froze is the collector's again (an embedding process)
         log.info("stopped")
         self._stopped.set()
 

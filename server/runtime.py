@@ -7,17 +7,16 @@ the model) or in a thread pool (heavy models: ONNX Runtime releases the GIL).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from registry_client.datatypes import ORT_TO_V2
+from server import heap
 from server.errors import ModelError
 from server.types import ModelSignature, TensorSpec
 
@@ -159,23 +158,8 @@ class OnnxModel:
             self.executor = None
         self._run = _closed
         self._session = None
-        _trim_heap()
+        heap.trim()
 
 
 def _closed(*_args: object) -> list[np.ndarray]:
     raise RuntimeError("the session was closed")
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS where the C library can (glibc's malloc_trim)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None

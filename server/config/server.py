@@ -68,6 +68,11 @@ class ServerSettings:
     # "text" (one readable line per event), "json" (JSON lines, for log shippers) or "auto":
     # text when stderr is a terminal, JSON otherwise.
     log_format: Literal["auto", "text", "json"] = "auto"
+    # Freeze what the process holds once its models are loaded (and after each retired
+    # version), so the garbage collector's full passes walk only what was made since: a full
+    # pass over everything stalled the event loop ~50 ms about once a second under load
+    # (server/heap.py). Off: CPython's collector as it comes.
+    gc_freeze: Bool = True
     # Seconds between checks of each served alias in the registry; 0 turns watching off.
     poll_interval_s: _Seconds = 2.0
     # Bearer token for admin RPCs (AdminService, ModelStatus, RepositoryModelLoad/Unload).

@@ -101,8 +101,11 @@ class ModelManager:
         runtime_factory: Callable[[str, RuntimeOptions], OnnxModel] = OnnxModel,
         tracing: Tracer | None = None,
         pair_sink: Callable[[ShadowPair], None] | None = None,
+        on_retired: Callable[[], object] | None = None,
     ) -> None:
         self.loop_load = LoopLoad()
+        # Called after a version is released (the app settles the heap there: server/heap.py).
+        self._on_retired = on_retired
         self._registry = registry
         self._metrics = metrics
         self._loader = VersionLoader(
@@ -358,11 +361,15 @@ class ModelManager:
     async def _retire(self, old: ServedModel) -> None:
         """The one place a version is released: once its queue drains, its batcher, executor
         and metric series (gauge callbacks hold the batcher) go; what is left is garbage."""
+        name, version = old.key.name, old.key.version
         await old.batcher.drain()
         old.batcher.close()
         await asyncio.get_running_loop().run_in_executor(None, old.runtime.close)
         self._forget_metrics(old)
-        log.info("retired %s version %s", old.key.name, old.key.version)
+        del old
+        if self._on_retired is not None:
+            self._on_retired()
+        log.info("retired %s version %s", name, version)
 
     def _forget_metrics(self, old: ServedModel) -> None:
         # The same version may be served again already (reload 1 -> 2 -> 1 before this one
