@@ -220,6 +220,9 @@ class DynamicBatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Future[Outputs]] = set()
+        # The event loop it serves, bound at the first submit: asyncio.get_running_loop() is a
+        # getpid() system call in CPython 3.11 (its fork check), several microseconds on a VM.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- introspection ------------------------------------------------------------------
 
@@ -252,7 +255,9 @@ class DynamicBatcher:
             raise ResourceExhausted(
                 f"queue for model {self.name} is full ({self._queued_rows} of {limit} rows waiting)"
             )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         entry = _Entry(inputs, rows, shape_key(inputs), future, deadline, self._clock.now())
         if trace is not None:
@@ -298,7 +303,8 @@ class DynamicBatcher:
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            assert self._loop is not None  # bound by the submit that queued what is there
+            self._loop.call_soon(self._flush)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -324,7 +330,8 @@ class DynamicBatcher:
             )
             if not decision.cut:
                 if decision.wake_at is not None and self._timer is None:
-                    loop = asyncio.get_running_loop()
+                    loop = self._loop
+                    assert loop is not None
                     self._timer = loop.call_later(max(0.0, decision.wake_at - now), self._on_timer)
                 break
             if self._timer is not None:
@@ -411,7 +418,8 @@ class DynamicBatcher:
         self._deliver(batch, outputs, now)
 
     def _execute_in_executor(self, batch: list[_Entry], now: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         try:
             inputs = stack([e.inputs for e in batch])
         except Exception as exc:  # never leave callers hanging on a bug

@@ -1,6 +1,7 @@
 """The CallAcceptor on a real server: grpc.aio's private entry points it drives exist in the
 installed grpcio (so an upgrade that moves them fails here, not silently in production), calls
-it accepts run exactly like grpc.aio's own (replies, statuses, deadlines), it stays off when
+it accepts and runs itself behave like grpc.aio's own (replies, statuses, deadlines, a client's
+cancel, a message that does not parse, a handler that fails), it stays off when
 max_concurrent_rpcs is grpc.aio's to count, and the server stops cleanly with it on."""
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import pytest
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
 from server.api import acceptor
+from server.app import App
 from tests.support.apps import AppFactory
+from tests.support.polling import eventually
 from tests.support.models import rows
 
 TIMEOUT = 30.0
@@ -88,3 +91,88 @@ async def test_stop_withdraws_every_outstanding_request(start_app: AppFactory) -
     await app.stop()
     assert not accept._pending
     assert not accept.active
+
+
+async def _through_the_acceptor(app: App, stub: pb_grpc.GRPCInferenceServiceStub) -> int:
+    """Let grpc.aio's own accept loop take one call (core hands the first call to the request
+    it made at start), so the calls that follow reach the acceptor's; its count so far. Eight
+    rows: a preferred batch of its own where one is set (HOLD)."""
+    await stub.ModelInfer(_request(8), timeout=TIMEOUT)
+    accept = app._server.acceptor
+    assert accept is not None
+    return accept.accepted
+
+
+async def test_a_cancelled_call_leaves_the_queue_before_its_batch_runs(
+    start_app: AppFactory,
+) -> None:
+    app = await start_app(models=("churn@production",), **HOLD)
+    served = app.models.get("churn")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        before = await _through_the_acceptor(app, stub)
+        kept = stub.ModelInfer(_request(2), timeout=TIMEOUT)
+        gone = stub.ModelInfer(_request(3), timeout=TIMEOUT)
+        await eventually(lambda: served.batcher.queued_rows == 5, timeout=TIMEOUT, what="5 rows")
+        assert app._server.acceptor.accepted == before + 2
+        gone.cancel()
+        await eventually(
+            lambda: served.batcher.queued_rows == 2, timeout=TIMEOUT, what="the cancel to count"
+        )
+        # Six more rows complete the preferred batch of 8: it runs without the cancelled three.
+        rest = [stub.ModelInfer(_request(3), timeout=TIMEOUT) for _ in range(2)]
+        replies = await asyncio.gather(kept, *rest)
+        assert [list(r.outputs[1].shape) for r in replies] == [[2, 2], [3, 2], [3, 2]]
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    stats = (await _stub_stats(app.grpc_port)).model_stats[0]
+    assert stats.inference_stats.success.count == 1 + 3
+    assert stats.inference_count == 8 + 8  # the warm-up's batch of 8, then 2 + 3 + 3
+    await eventually(lambda: app._server.calls_in_flight() == 0, timeout=TIMEOUT, what="idle")
+
+
+async def test_a_message_that_does_not_parse_is_refused_and_the_next_call_is_served(
+    start_app: AppFactory,
+) -> None:
+    app = await start_app(models=("churn@production",))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        before = await _through_the_acceptor(app, stub)
+        raw = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(b"\x0a\xff\xff\xff", timeout=TIMEOUT)  # field 1, a length past the end
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message" in (caught.value.details() or "")
+        reply = await stub.ModelInfer(_request(), timeout=TIMEOUT)
+        assert list(reply.outputs[1].shape) == [1, 2]
+        assert app._server.acceptor.accepted == before + 2
+
+
+async def test_a_handler_that_fails_answers_unknown_and_the_server_goes_on(
+    start_app: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a handler (here one injected into the data plane) is logged with its traceback
+    and answered UNKNOWN, as grpc.aio answers it; the call after it is served."""
+    app = await start_app(models=("churn@production",))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        before = await _through_the_acceptor(app, stub)
+        real = app.plane.infer
+
+        async def broken(*args: object) -> object:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(app.plane, "infer", broken)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ModelInfer(_request(), timeout=TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.UNKNOWN
+        assert "injected" in (caught.value.details() or "")
+        assert any("unexpected RuntimeError" in r.getMessage() for r in caplog.records)
+        monkeypatch.setattr(app.plane, "infer", real)
+        reply = await stub.ModelInfer(_request(), timeout=TIMEOUT)
+        assert list(reply.outputs[1].shape) == [1, 2]
+        assert app._server.acceptor.accepted == before + 2
