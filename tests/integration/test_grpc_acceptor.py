@@ -17,8 +17,8 @@ from server._proto import inference_pb2_grpc as pb_grpc
 from server.api import acceptor
 from server.app import App
 from tests.support.apps import AppFactory
-from tests.support.polling import eventually
 from tests.support.models import rows
+from tests.support.polling import eventually
 
 TIMEOUT = 30.0
 # A lone 1-row call waits for the preferred batch of 8: eight calls held in flight together.
