@@ -100,7 +100,8 @@ async def _through_the_acceptor(app: App, stub: pb_grpc.GRPCInferenceServiceStub
     await stub.ModelInfer(_request(8), timeout=TIMEOUT)
     accept = app._server.acceptor
     assert accept is not None
-    return accept.accepted
+    accepted: int = accept.accepted
+    return accepted
 
 
 async def test_a_cancelled_call_leaves_the_queue_before_its_batch_runs(
