@@ -159,7 +159,11 @@ class CallAcceptor:
         assert loop is not None
         handler = self._methods[name]
         if handler.unary_unary is not None:
+            close = cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS)
             task = loop.create_task(self._serve_unary(handler, rpc_state))
+            watcher = loop.create_task(_cancel_when_closed(rpc_state, close, task, loop))
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
         else:
             coro = cygrpc._handle_rpc(name, self._resolver, (), rpc_state, loop, False)
             task = loop.create_task(cygrpc._schedule_rpc_coro(coro, rpc_state, loop, name))
@@ -170,15 +174,10 @@ class CallAcceptor:
             self._arm(method)
 
     async def _serve_unary(self, handler: grpc.RpcMethodHandler, rpc_state: Any) -> None:
-        """One unary call, start to end (see the module docstring for what differs)."""
+        """One unary call, start to end (see the module docstring for what differs); a watcher
+        started beside it cancels it if the client's side ends first."""
         loop = self._loop
         assert loop is not None
-        task = asyncio.current_task()
-        assert task is not None
-        close = cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS)
-        watcher = loop.create_task(_cancel_when_closed(rpc_state, close, task, loop))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
         try:
             raw = await cygrpc._receive_message(rpc_state, loop)
             if raw is None:

@@ -135,10 +135,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                     )
                 )
 
+        # Bound once: asyncio.create_task looks the loop up per call (a getpid() in 3.11).
+        loop = asyncio.get_running_loop()
+
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.create_task(answer(request))
+                    task = loop.create_task(answer(request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 if pending:
@@ -146,7 +149,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             finally:
                 replies.put_nowait(done)
 
-        reader = asyncio.create_task(read())
+        reader = loop.create_task(read())
         try:
             while True:
                 reply = await replies.get()
