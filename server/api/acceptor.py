@@ -13,7 +13,7 @@ requests and gRPC got ~1/25 of HTTP's req/s (32 + 32 perf_analyzer clients on th
 machine; 0.10 with the acceptor, 0.26 with the REST turn budget on top, server/api/http/
 fairness.py). Fewer REST requests per turn alone barely helped: the chain stayed serial.
 
-`CallAcceptor` keeps `depth` more requests outstanding for the hot methods (ModelInfer) and
+`CallAcceptor` keeps `depth` more requests outstanding for the hot methods (server.py) and
 starts each accepted call's RPC task from the request's done-callback, as the main loop would
 (same `_handle_rpc` / `_schedule_rpc_coro`, same handler): up to `depth` calls are accepted per
 chain instead of one. Core hands each incoming call to whichever request is outstanding, so
@@ -33,8 +33,10 @@ the handler if the client went away or its deadline passed, as grpc.aio does. Le
 batchline's unary handlers use none of it: handler lookup per call (the handler is known), the
 per-call inspection of whether the handler is a coroutine, gRPC's census context, status codes
 set with `context.set_code` (a handler answers or aborts), `context.add_done_callback`. That
-per-call machinery was most of a call's CPU: an echo server answering through this path did
-2.2-2.5x the calls per second of the same echo through grpc.aio's (perf_analyzer, c=64, one core).
+per-call machinery cost batchline 4-13 % of its unary req/s (perf_analyzer, churn, c=64, one
+core). Bidirectional calls (ModelStreamInfer) it runs the same way (`_serve_stream`): the
+handler's async generator gets an iterator that reads each message straight from core, and each
+reply it yields is one send operation, without grpc.aio's reader and writer layers around each.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -158,9 +160,16 @@ class CallAcceptor:
         loop = self._loop
         assert loop is not None
         handler = self._methods[name]
-        if handler.unary_unary is not None:
+        serve = (
+            self._serve_unary
+            if handler.unary_unary is not None
+            else self._serve_stream
+            if handler.stream_stream is not None
+            else None
+        )
+        if serve is not None:
             close = cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS)
-            task = loop.create_task(self._serve_unary(handler, rpc_state))
+            task = loop.create_task(serve(handler, rpc_state))
             watcher = loop.create_task(_cancel_when_closed(rpc_state, close, task, loop))
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
@@ -201,7 +210,7 @@ class CallAcceptor:
             await cygrpc.execute_batch(
                 rpc_state,
                 (
-                    cygrpc.SendInitialMetadataOperation(_NO_METADATA, _NO_FLAGS),
+                    _initial_metadata(),
                     cygrpc.SendMessageOperation(message, _NO_FLAGS),
                     cygrpc.SendStatusFromServerOperation(_NO_METADATA, _OK, "", _NO_FLAGS),
                 ),
@@ -217,6 +226,69 @@ class CallAcceptor:
                 await _send_status(
                     rpc_state, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}", loop
                 )
+
+    async def _serve_stream(self, handler: grpc.RpcMethodHandler, rpc_state: Any) -> None:
+        """One bidirectional call: the handler (an async generator) gets an iterator reading
+        each message straight from core, and each reply it yields goes straight to core, one
+        send at a time, as grpc.aio sends them."""
+        loop = self._loop
+        assert loop is not None
+        deserialize = handler.request_deserializer
+        serialize = handler.response_serializer
+
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                raw = await cygrpc._receive_message(rpc_state, loop)
+                if raw is None:
+                    return  # the client closed its side (or the call ended)
+                try:
+                    request = deserialize(raw)
+                except Exception as exc:
+                    raise _NotAMessage(str(exc)) from exc
+                yield request
+
+        context = cygrpc._ServicerContext(rpc_state, deserialize, serialize, loop)
+        replies = handler.stream_stream(requests(), context)
+        opened = False  # initial metadata goes with the first reply, as grpc.aio sends it
+        try:
+            async for reply in replies:
+                message = cygrpc.SendMessageOperation(serialize(reply), _NO_FLAGS)
+                if opened:
+                    await cygrpc.execute_batch(rpc_state, (message,), loop)
+                else:
+                    opened = True
+                    await cygrpc.execute_batch(rpc_state, (_initial_metadata(), message), loop)
+            end = cygrpc.SendStatusFromServerOperation(_NO_METADATA, _OK, "", _NO_FLAGS)
+            await cygrpc.execute_batch(
+                rpc_state, (end,) if opened else (_initial_metadata(), end), loop
+            )
+        except cygrpc.AbortError:
+            pass  # context.abort sent the status
+        except asyncio.CancelledError:
+            pass  # the client went away or its deadline passed: core has ended the call
+        except cygrpc.ExecuteBatchError:
+            pass  # the call ended under an operation (client gone, server stopping)
+        except _NotAMessage as exc:
+            with contextlib.suppress(cygrpc.ExecuteBatchError, asyncio.CancelledError):
+                await _send_status(
+                    rpc_state,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"a request is not a valid message of this method: {exc}",
+                    loop,
+                    opened,
+                )
+        except Exception as exc:
+            log.exception("unexpected %s in a gRPC stream", type(exc).__name__)
+            with contextlib.suppress(cygrpc.ExecuteBatchError, asyncio.CancelledError):
+                await _send_status(
+                    rpc_state,
+                    grpc.StatusCode.UNKNOWN,
+                    f"Unexpected {type(exc)}: {exc}",
+                    loop,
+                    opened,
+                )
+        finally:
+            await replies.aclose()  # the handler's own cleanup (its pending requests)
 
     async def stop(self) -> None:
         """After `server.stop()`: withdraw what is still outstanding, wait for the RPCs it
@@ -244,14 +316,21 @@ async def _cancel_when_closed(
         task.cancel()
 
 
+class _NotAMessage(Exception):
+    """A stream's request that does not parse as the method's message."""
+
+
+def _initial_metadata() -> Any:
+    return cygrpc.SendInitialMetadataOperation(_NO_METADATA, _NO_FLAGS)
+
+
 async def _send_status(
-    rpc_state: Any, code: grpc.StatusCode, details: str, loop: asyncio.AbstractEventLoop
+    rpc_state: Any,
+    code: grpc.StatusCode,
+    details: str,
+    loop: asyncio.AbstractEventLoop,
+    opened: bool = False,
 ) -> None:
-    await cygrpc.execute_batch(
-        rpc_state,
-        (
-            cygrpc.SendInitialMetadataOperation(_NO_METADATA, _NO_FLAGS),
-            cygrpc.SendStatusFromServerOperation(_NO_METADATA, code.value[0], details, _NO_FLAGS),
-        ),
-        loop,
-    )
+    """End the call with `code` (with the initial metadata unless `opened` sent it)."""
+    end = cygrpc.SendStatusFromServerOperation(_NO_METADATA, code.value[0], details, _NO_FLAGS)
+    await cygrpc.execute_batch(rpc_state, (end,) if opened else (_initial_metadata(), end), loop)

@@ -22,9 +22,10 @@ ADMIN_SERVICE_NAME = "batchline.admin.v1.AdminService"
 # The inference service's methods that change what is served: the admin guard applies to them
 # exactly as to every AdminService method.
 ADMIN_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
-# The methods whose calls arrive at rates that need more than grpc.aio's one outstanding
-# request for a new call (server/api/acceptor.py).
-HOT_METHODS = ("ModelInfer",)
+# The inference methods the CallAcceptor takes (more than grpc.aio's one outstanding request
+# for a new call) and runs itself, with less per call and per message than grpc.aio's handler
+# path (server/api/acceptor.py).
+HOT_METHODS = ("ModelInfer", "ModelStreamInfer")
 # gRPC server reflection (grpcurl, ghz and Postman without --proto): grpcio-reflection serves
 # v1alpha; v1 has the same messages field for field, so the same servicer answers it too
 # (grpcurl asks v1 first).

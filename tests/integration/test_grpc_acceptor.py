@@ -87,7 +87,7 @@ async def test_stop_withdraws_every_outstanding_request(start_app: AppFactory) -
     app = await start_app(models=("churn@production",))
     accept = app._server.acceptor
     assert accept is not None
-    assert len(accept._pending) == acceptor.DEFAULT_DEPTH
+    assert len(accept._pending) == acceptor.DEFAULT_DEPTH * 2  # ModelInfer, ModelStreamInfer
     await app.stop()
     assert not accept._pending
     assert not accept.active
@@ -177,3 +177,99 @@ async def test_a_handler_that_fails_answers_unknown_and_the_server_goes_on(
         reply = await stub.ModelInfer(_request(), timeout=TIMEOUT)
         assert list(reply.outputs[1].shape) == [1, 2]
         assert app._server.acceptor.accepted == before + 2
+
+
+# ---- ModelStreamInfer through the acceptor --------------------------------------------------
+
+
+async def _stream_through_the_acceptor(app: App, stub: pb_grpc.GRPCInferenceServiceStub) -> int:
+    """One stream for grpc.aio's own accept loop (it holds the first request for a new call),
+    so the next stream reaches the acceptor's; its count so far."""
+    warm = stub.ModelStreamInfer(timeout=TIMEOUT)
+    await warm.write(_request(8))
+    assert (await warm.read()).error_message == ""
+    await warm.done_writing()
+    assert await warm.read() is grpc.aio.EOF
+    accept = app._server.acceptor
+    assert accept is not None
+    accepted: int = accept.accepted
+    return accepted
+
+
+def _stream_request(n: int, request_id: str) -> pb.ModelInferRequest:
+    request = _request(n)
+    request.id = request_id
+    return request
+
+
+async def test_a_stream_it_runs_answers_each_request_by_id_and_survives_a_bad_one(
+    start_app: AppFactory,
+) -> None:
+    app = await start_app(models=("churn@production",))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        before = await _stream_through_the_acceptor(app, stub)
+        call = stub.ModelStreamInfer(timeout=TIMEOUT)
+        for i in range(1, 6):
+            await call.write(_stream_request(i, f"r{i}"))
+        bad = _stream_request(1, "bad")
+        bad.inputs[0].shape[:] = [1, 14]
+        await call.write(bad)
+        replies = {}
+        while len(replies) < 6:
+            reply = await call.read()
+            assert reply is not grpc.aio.EOF
+            replies[reply.infer_response.id] = reply
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        assert app._server.acceptor.accepted == before + 1
+    for i in range(1, 6):
+        assert replies[f"r{i}"].error_message == ""
+        assert list(replies[f"r{i}"].infer_response.outputs[1].shape) == [i, 2]
+    assert replies["bad"].error_message.startswith("INVALID_ARGUMENT")
+
+
+async def test_a_stream_message_that_does_not_parse_ends_the_stream_invalid_argument(
+    start_app: AppFactory,
+) -> None:
+    app = await start_app(models=("churn@production",))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        before = await _stream_through_the_acceptor(app, stub)
+        raw = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        call = raw(timeout=TIMEOUT)
+        await call.write(b"\x0a\xff\xff\xff")
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message" in (caught.value.details() or "")
+        assert app._server.acceptor.accepted == before + 1
+
+
+async def test_a_cancelled_stream_drops_its_queued_requests_and_the_server_goes_idle(
+    start_app: AppFactory,
+) -> None:
+    app = await start_app(models=("churn@production",), **HOLD)
+    served = app.models.get("churn")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await _stream_through_the_acceptor(app, stub)
+        call = stub.ModelStreamInfer(timeout=TIMEOUT)
+        await call.write(_stream_request(2, "a"))
+        await call.write(_stream_request(3, "b"))
+        await eventually(lambda: served.batcher.queued_rows == 5, timeout=TIMEOUT, what="5 rows")
+        call.cancel()
+        await eventually(
+            lambda: (served.batcher.queued_rows, app.pipeline.in_flight) == (0, 0),
+            timeout=TIMEOUT,
+            what="the cancelled stream's requests to leave the queue",
+        )
+        await eventually(lambda: app._server.calls_in_flight() == 0, timeout=TIMEOUT, what="idle")
+    stats = (await _stub_stats(app.grpc_port)).model_stats[0]
+    assert stats.inference_count == 8  # the warm-up stream's batch only: none of the 5 ran
