@@ -107,7 +107,7 @@ class App:
             self.metrics,
             tracing=active_tracing,
             pair_sink=self.pair_log.append,
-            on_retired=self._settle_heap,
+            on_retired=self._version_retired,
         )
         self.features: FeatureLookup | None = None
         feature_metrics: FeatureMetrics | None = None
@@ -172,6 +172,7 @@ class App:
         self._http: Any = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._settle_pending = False  # a settle is scheduled for this loop turn's retirements
         self._watcher: asyncio.Task[None] | None = None
         self._gate: asyncio.Task[None] | None = None
         self._control_task: asyncio.Task[None] | None = None
@@ -257,6 +258,7 @@ class App:
             self._watcher = asyncio.create_task(self.models.watch(server_settings.poll_interval_s))
         if self.control.shared:
             self._control_task = asyncio.create_task(self.control.run())
+        self._settle_heap()  # before it says it is ready: the first requests do not wait on it
         self._ready = True
         await self.health.set_serving(True)
         log.info(
@@ -267,7 +269,6 @@ class App:
             self.http_port,
             self.metrics_port,
         )
-        self._settle_heap()
         if server_settings.ready_file:
             write_ready_file(
                 server_settings.ready_file,
@@ -281,8 +282,21 @@ class App:
 
     def _settle_heap(self) -> None:
         """Keep full garbage-collector passes off the request path (server/heap.py)."""
-        if self.settings.server.gc_freeze:
+        if self.settings.server.gc_freeze and not self._stopping:
             heap.settle()
+
+    def _version_retired(self) -> None:
+        """One settle for the versions retired in one loop turn (a route change may retire
+        several), after the turn: each is a full collection on the loop."""
+        if self._settle_pending or not self.settings.server.gc_freeze:
+            return
+        self._settle_pending = True
+
+        def settle() -> None:
+            self._settle_pending = False
+            self._settle_heap()
+
+        asyncio.get_running_loop().call_soon(settle)
 
     async def _start_rest(self, guard: AdminGuard) -> None:
         """The V2 REST binding on the same loop, through the same pipeline as gRPC."""

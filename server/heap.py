@@ -9,10 +9,13 @@ c=64 (perf_analyzer, churn, 2-core machine: p99 61-65 ms with, 25-34 ms without;
 
 `settle()` collects once and then freezes what survived (`gc.freeze`: moved to a permanent
 generation no pass walks), so later passes walk only what was made since. It runs once the
-server has loaded its models (before it says it is ready) and again after a model version is
-retired, where it first unfreezes: what the retired version held in reference cycles is freed
-then, not leaked (that costs one full pass per reload, off the request path's steady state).
-Objects freed by reference counting are freed as always; only cycles wait for a settle.
+server has loaded its models (before it says it is ready) and again after model versions are
+retired (one settle per loop turn however many retired in it), where it first unfreezes: what a
+retired version held in reference cycles is freed then, not leaked (one full pass per reload,
+on the loop, outside the steady state). Objects freed by reference counting are freed as
+always; only cycles wait for a settle, and cycles that were alive at a settle (a request in
+flight then) wait for the next one. Freed pages go back to the OS where the runtime closes a
+session (runtime.py calls `trim`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ def settle(freeze: bool = True) -> float:
     gc.collect()
     if freeze:
         gc.freeze()
-    trim()
     took = time.perf_counter() - began
     log.debug("heap settled in %.1f ms (%d objects frozen)", took * 1e3, gc.get_freeze_count())
     return took

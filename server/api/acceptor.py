@@ -14,10 +14,9 @@ machine; 0.10 with the acceptor, 0.26 with the REST turn budget on top, server/a
 fairness.py). Fewer REST requests per turn alone barely helped: the chain stayed serial.
 
 `CallAcceptor` keeps `depth` more requests outstanding for the hot methods (server.py) and
-starts each accepted call's RPC task from the request's done-callback, as the main loop would
-(same `_handle_rpc` / `_schedule_rpc_coro`, same handler): up to `depth` calls are accepted per
-chain instead of one. Core hands each incoming call to whichever request is outstanding, so
-nothing else changes: deadlines, cancellation, status codes and shutdown are grpc.aio's.
+starts each accepted call's task from the request's done-callback: up to `depth` calls are
+accepted per chain instead of one. Core hands each incoming call to whichever request is
+outstanding, so about one call in `depth + 1` still reaches grpc.aio's own loop and runs there.
 
 It uses grpc.aio's private cygrpc entry points (there is no public knob); `supported()` says
 whether the installed grpcio has them, `start()` does nothing (logs once) when it does not, and
@@ -32,11 +31,15 @@ the reply and the status in one batch; a second batch waits for the client's clo
 the handler if the client went away or its deadline passed, as grpc.aio does. Left out, because
 batchline's unary handlers use none of it: handler lookup per call (the handler is known), the
 per-call inspection of whether the handler is a coroutine, gRPC's census context, status codes
-set with `context.set_code` (a handler answers or aborts), `context.add_done_callback`. That
+set with `context.set_code` (a handler answers or aborts), trailing metadata set with
+`context.set_trailing_metadata`, `context.set_compression`, `context.add_done_callback`. A
+message that does not parse is INVALID_ARGUMENT here (grpc.aio's own path, for the calls it
+takes or with the acceptor off, answers UNKNOWN naming the parse error). That
 per-call machinery cost batchline 4-13 % of its unary req/s (perf_analyzer, churn, c=64, one
 core). Bidirectional calls (ModelStreamInfer) it runs the same way (`_serve_stream`): the
 handler's async generator gets an iterator that reads each message straight from core, and each
-reply it yields is one send operation, without grpc.aio's reader and writer layers around each.
+reply after the first is one send operation, without grpc.aio's reader and writer layers around
+each. Handlers that need what is left out go through grpc.aio: leave them out of HOT_METHODS.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from typing import Any
 
 import grpc
 from grpc._cython import cygrpc
+
+from server.api.status import details
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,8 @@ def supported() -> bool:
 
 class CallAcceptor:
     """Keeps `depth` extra requests for new calls of each of `methods` outstanding on a started
-    grpc.aio server; every call core hands to one runs exactly as grpc.aio would run it."""
+    grpc.aio server; a unary or bidirectional call core hands to one it runs itself (see the
+    module docstring), any other kind as grpc.aio's own loop would run it."""
 
     def __init__(
         self,
@@ -103,7 +109,8 @@ class CallAcceptor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._watchers: set[asyncio.Task[Any]] = set()  # each unary call's close watcher
+        self._unary: set[asyncio.Task[Any]] = set()  # the unary calls among _tasks
+        self._watchers: set[asyncio.Task[Any]] = set()  # each call's close watcher
         self.accepted = 0  # calls started through the acceptor (read by tests and benches)
 
     @property
@@ -112,8 +119,9 @@ class CallAcceptor:
 
     @property
     def in_flight(self) -> int:
-        """Calls it accepted that have not finished."""
-        return len(self._tasks)
+        """Unary calls it accepted that have not finished (an open stream, idle or not, is
+        not counted: the REST turn budget reads this to see gRPC calls waiting)."""
+        return len(self._unary)
 
     def start(self) -> bool:
         """After `server.start()`: put the extra requests in; False when left off."""
@@ -168,11 +176,15 @@ class CallAcceptor:
             else None
         )
         if serve is not None:
-            close = cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS)
-            task = loop.create_task(serve(handler, rpc_state))
-            watcher = loop.create_task(_cancel_when_closed(rpc_state, close, task, loop))
+            call = _Call(rpc_state)
+            task = loop.create_task(serve(handler, call))
+            call.task = task
+            watcher = loop.create_task(_cancel_when_closed(call, loop))
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
+            if serve is self._serve_unary:
+                self._unary.add(task)
+                task.add_done_callback(self._unary.discard)
         else:
             coro = cygrpc._handle_rpc(name, self._resolver, (), rpc_state, loop, False)
             task = loop.create_task(cygrpc._schedule_rpc_coro(coro, rpc_state, loop, name))
@@ -182,11 +194,12 @@ class CallAcceptor:
         if running:
             self._arm(method)
 
-    async def _serve_unary(self, handler: grpc.RpcMethodHandler, rpc_state: Any) -> None:
+    async def _serve_unary(self, handler: grpc.RpcMethodHandler, call: _Call) -> None:
         """One unary call, start to end (see the module docstring for what differs); a watcher
         started beside it cancels it if the client's side ends first."""
         loop = self._loop
         assert loop is not None
+        rpc_state = call.rpc_state
         try:
             raw = await cygrpc._receive_message(rpc_state, loop)
             if raw is None:
@@ -194,12 +207,7 @@ class CallAcceptor:
             try:
                 request = handler.request_deserializer(raw)
             except Exception as exc:
-                await _send_status(
-                    rpc_state,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the request is not a valid message of this method: {exc}",
-                    loop,
-                )
+                await _send_status(call, grpc.StatusCode.INVALID_ARGUMENT, _unparsable(exc), loop)
                 return
             context = cygrpc._ServicerContext(rpc_state, None, None, loop)
             try:
@@ -207,6 +215,7 @@ class CallAcceptor:
             except cygrpc.AbortError:
                 return  # context.abort sent the status
             message = handler.response_serializer(reply)
+            call.finishing = True
             await cygrpc.execute_batch(
                 rpc_state,
                 (
@@ -218,21 +227,20 @@ class CallAcceptor:
             )
         except asyncio.CancelledError:
             pass  # the client went away or its deadline passed: core has ended the call
-        except cygrpc.ExecuteBatchError:
-            pass  # the call ended under an operation (client gone, server stopping)
+        except cygrpc.ExecuteBatchError as exc:
+            _ended(exc)
         except Exception as exc:
             log.exception("unexpected %s in a gRPC call", type(exc).__name__)
-            with contextlib.suppress(cygrpc.ExecuteBatchError, asyncio.CancelledError):
-                await _send_status(
-                    rpc_state, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}", loop
-                )
+            await _send_unknown(call, exc, loop)
 
-    async def _serve_stream(self, handler: grpc.RpcMethodHandler, rpc_state: Any) -> None:
+    async def _serve_stream(self, handler: grpc.RpcMethodHandler, call: _Call) -> None:
         """One bidirectional call: the handler (an async generator) gets an iterator reading
-        each message straight from core, and each reply it yields goes straight to core, one
-        send at a time, as grpc.aio sends them."""
+        each message straight from core; its first reply goes through the ServicerContext (so
+        grpc.aio knows the initial metadata went, and a later context.abort works), each one
+        after it is one send operation, as grpc.aio sends them."""
         loop = self._loop
         assert loop is not None
+        rpc_state = call.rpc_state
         deserialize = handler.request_deserializer
         serialize = handler.response_serializer
 
@@ -244,20 +252,21 @@ class CallAcceptor:
                 try:
                     request = deserialize(raw)
                 except Exception as exc:
-                    raise _NotAMessage(str(exc)) from exc
+                    raise _NotAMessage(_unparsable(exc)) from exc
                 yield request
 
         context = cygrpc._ServicerContext(rpc_state, deserialize, serialize, loop)
         replies = handler.stream_stream(requests(), context)
-        opened = False  # initial metadata goes with the first reply, as grpc.aio sends it
+        opened = False
         try:
             async for reply in replies:
-                message = cygrpc.SendMessageOperation(serialize(reply), _NO_FLAGS)
                 if opened:
+                    message = cygrpc.SendMessageOperation(serialize(reply), _NO_FLAGS)
                     await cygrpc.execute_batch(rpc_state, (message,), loop)
                 else:
+                    await context.write(reply)
                     opened = True
-                    await cygrpc.execute_batch(rpc_state, (_initial_metadata(), message), loop)
+            call.finishing = True
             end = cygrpc.SendStatusFromServerOperation(_NO_METADATA, _OK, "", _NO_FLAGS)
             await cygrpc.execute_batch(
                 rpc_state, (end,) if opened else (_initial_metadata(), end), loop
@@ -266,29 +275,18 @@ class CallAcceptor:
             pass  # context.abort sent the status
         except asyncio.CancelledError:
             pass  # the client went away or its deadline passed: core has ended the call
-        except cygrpc.ExecuteBatchError:
-            pass  # the call ended under an operation (client gone, server stopping)
+        except cygrpc.ExecuteBatchError as exc:
+            _ended(exc)
         except _NotAMessage as exc:
-            with contextlib.suppress(cygrpc.ExecuteBatchError, asyncio.CancelledError):
-                await _send_status(
-                    rpc_state,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"a request is not a valid message of this method: {exc}",
-                    loop,
-                    opened,
-                )
+            await _send_status(call, grpc.StatusCode.INVALID_ARGUMENT, str(exc), loop, opened)
         except Exception as exc:
             log.exception("unexpected %s in a gRPC stream", type(exc).__name__)
-            with contextlib.suppress(cygrpc.ExecuteBatchError, asyncio.CancelledError):
-                await _send_status(
-                    rpc_state,
-                    grpc.StatusCode.UNKNOWN,
-                    f"Unexpected {type(exc)}: {exc}",
-                    loop,
-                    opened,
-                )
+            await _send_unknown(call, exc, loop, opened)
         finally:
-            await replies.aclose()  # the handler's own cleanup (its pending requests)
+            try:
+                await replies.aclose()  # the handler's own cleanup (its pending requests)
+            except Exception:
+                log.exception("a gRPC stream handler failed while closing")
 
     async def stop(self) -> None:
         """After `server.stop()`: withdraw what is still outstanding, wait for the RPCs it
@@ -305,15 +303,49 @@ class CallAcceptor:
         self._aio = None
 
 
-async def _cancel_when_closed(
-    rpc_state: Any, close: Any, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop
-) -> None:
-    """Wait for the client's side of the call to end; cancel `task` if it ended by a cancel
-    (the client's, or core's when the deadline passed) while `task` still runs."""
+class _Call:
+    """One call the acceptor runs: core's state, its task, and whether its final batch (the
+    status) has started, after which a cancel would only interrupt that batch (grpc.aio's rule
+    too: it cancels a call's task only while no status has been sent)."""
+
+    __slots__ = ("finishing", "rpc_state", "task")
+
+    def __init__(self, rpc_state: Any) -> None:
+        self.rpc_state = rpc_state
+        self.task: asyncio.Task[Any] | None = None
+        self.finishing = False
+
+
+async def _cancel_when_closed(call: _Call, loop: asyncio.AbstractEventLoop) -> None:
+    """Wait for the client's side of the call to end; cancel the call's task if it ended by a
+    cancel (the client's, or core's when the deadline passed) while the task still runs and has
+    not begun sending its status."""
+    close = cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS)
     with contextlib.suppress(cygrpc.ExecuteBatchError):
-        await cygrpc.execute_batch(rpc_state, (close,), loop)
-    if close.cancelled() and not task.done():
+        await cygrpc.execute_batch(call.rpc_state, (close,), loop)
+    task = call.task
+    if close.cancelled() and task is not None and not task.done() and not call.finishing:
         task.cancel()
+
+
+def _ended(exc: BaseException) -> None:
+    """An operation failed: the call ended under it (client gone, server stopping), or core
+    refused to start it, which is a bug worth seeing (the call then ends at its deadline or at
+    shutdown)."""
+    if str(exc).startswith("Failed grpc_call_start_batch"):
+        log.error("gRPC core refused an operation of a call: %s", exc)
+
+
+def _unparsable(exc: BaseException) -> str:
+    return details(f"the request is not a valid message of this method: {exc}")
+
+
+async def _send_unknown(
+    call: _Call, exc: BaseException, loop: asyncio.AbstractEventLoop, opened: bool = False
+) -> None:
+    """What grpc.aio answers a handler's unexpected exception with."""
+    message = details(f"Unexpected {type(exc)}: {exc}")
+    await _send_status(call, grpc.StatusCode.UNKNOWN, message, loop, opened)
 
 
 class _NotAMessage(Exception):
@@ -325,12 +357,17 @@ def _initial_metadata() -> Any:
 
 
 async def _send_status(
-    rpc_state: Any,
+    call: _Call,
     code: grpc.StatusCode,
-    details: str,
+    message: str,
     loop: asyncio.AbstractEventLoop,
     opened: bool = False,
 ) -> None:
-    """End the call with `code` (with the initial metadata unless `opened` sent it)."""
-    end = cygrpc.SendStatusFromServerOperation(_NO_METADATA, code.value[0], details, _NO_FLAGS)
-    await cygrpc.execute_batch(rpc_state, (end,) if opened else (_initial_metadata(), end), loop)
+    """End the call with `code` (with the initial metadata unless `opened` sent it); a call
+    that ended meanwhile has nobody left to tell."""
+    call.finishing = True
+    end = cygrpc.SendStatusFromServerOperation(_NO_METADATA, code.value[0], message, _NO_FLAGS)
+    with contextlib.suppress(cygrpc.ExecuteBatchError, asyncio.CancelledError):
+        await cygrpc.execute_batch(
+            call.rpc_state, (end,) if opened else (_initial_metadata(), end), loop
+        )

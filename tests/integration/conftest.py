@@ -45,6 +45,9 @@ async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
                 "grace_period_s": grace_period_s,
                 "poll_interval_s": 0.0,
                 "deployment": os.environ["BATCHLINE_DEPLOYMENT"],
+                # Freezing the heap is a full collection of the whole pytest process per App:
+                # the tests of server/heap.py (and the retirement test) turn it on.
+                "gc_freeze": False,
                 **(server or {}),
             },
             model_refs=models,

@@ -210,6 +210,11 @@ async def test_a_stream_it_runs_answers_each_request_by_id_and_survives_a_bad_on
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         before = await _stream_through_the_acceptor(app, stub)
         call = stub.ModelStreamInfer(timeout=TIMEOUT)
+        # Open and idle, a stream is not a gRPC call waiting (the REST turn budget reads this).
+        await eventually(
+            lambda: app._server.acceptor.accepted == before + 1, timeout=TIMEOUT, what="accepted"
+        )
+        assert app._server.calls_in_flight() == 0
         for i in range(1, 6):
             await call.write(_stream_request(i, f"r{i}"))
         bad = _stream_request(1, "bad")
@@ -259,11 +264,12 @@ async def test_a_cancelled_stream_drops_its_queued_requests_and_the_server_goes_
     served = app.models.get("churn")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        await _stream_through_the_acceptor(app, stub)
+        before = await _stream_through_the_acceptor(app, stub)
         call = stub.ModelStreamInfer(timeout=TIMEOUT)
         await call.write(_stream_request(2, "a"))
         await call.write(_stream_request(3, "b"))
         await eventually(lambda: served.batcher.queued_rows == 5, timeout=TIMEOUT, what="5 rows")
+        assert app._server.acceptor.accepted == before + 1
         call.cancel()
         await eventually(
             lambda: (served.batcher.queued_rows, app.pipeline.in_flight) == (0, 0),

@@ -11,7 +11,7 @@ from tests.support.apps import AppFactory
 async def test_a_started_server_freezes_its_heap_and_stop_releases_it(
     start_app: AppFactory,
 ) -> None:
-    app = await start_app(models=("churn@production",))
+    app = await start_app(models=("churn@production",), server={"gc_freeze": True})
     frozen = gc.get_freeze_count()
     # What a full pass would walk: the oldest generation, nearly empty after the freeze.
     assert frozen > 50_000

@@ -303,8 +303,9 @@ async def test_retired_versions_are_released_and_their_metric_series_removed(
     start_app: AppFactory, registry: Path
 ) -> None:
     """Alternating reloads under traffic: every retired ServedModel is garbage once its queue
-    drained (weak references die), and /metrics keeps series of the served version only."""
-    app = await start_app(models=("churn@1",), registry=registry)
+    drained (weak references die, with the heap frozen as a served process freezes it), and
+    /metrics keeps series of the served version only."""
+    app = await start_app(models=("churn@1",), registry=registry, server={"gc_freeze": True})
     retired: list[weakref.ref[Any]] = []
     runtimes = []  # held on purpose: retiring must release their sessions even so
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
@@ -321,6 +322,9 @@ async def test_retired_versions_are_released_and_their_metric_series_removed(
             )
             assert {r.model_version for r in replies} == {ref.split("@")[1]}
     await app.models.drain()  # the retirements have run
+    # ...and the heap settle they scheduled (it unfreezes, so what the retired versions held is
+    # collectable again; a frozen object is skipped by gc.collect, not referenced)
+    await eventually(lambda: not app._settle_pending, timeout=10.0, what="the heap settle")
     gc.collect()
     alive = [r() for r in retired if r() is not None]
     assert alive == [], f"{len(alive)} retired versions still referenced"
