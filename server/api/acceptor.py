@@ -182,7 +182,7 @@ class CallAcceptor:
             watcher = loop.create_task(_cancel_when_closed(call, loop))
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
-            if serve is self._serve_unary:
+            if handler.unary_unary is not None:
                 self._unary.add(task)
                 task.add_done_callback(self._unary.discard)
         else:

@@ -71,7 +71,10 @@ def run_locust(
         stats = {row["Name"]: row for row in csv.DictReader(fh)}
     with open(f"{prefix}_failures.csv", newline="") as fh:
         failures = list(csv.DictReader(fh))
-    assert (result.returncode == 0) == (int(stats["Aggregated"]["Failure Count"]) == 0), output
+    # Exit 1 exactly when some request failed. The failures file is the record: the stats
+    # file's Aggregated row once read 0 failures beside 18 listed ones (a loaded machine,
+    # requests failing during the stop), which is locust's bookkeeping, not the server's.
+    assert (result.returncode == 0) == (not failures), output
     return stats, failures
 
 
