@@ -23,6 +23,8 @@ from tests.support.polling import eventually
 TIMEOUT = 30.0
 # A lone 1-row call waits for the preferred batch of 8: eight calls held in flight together.
 HOLD = {"preferred_batch_sizes": (8,), "max_queue_delay_us": 3_000_000}
+# Not a ModelInferRequest: field 1 (model_name) with a length past the end of the message.
+UNPARSABLE = b"\x0a\xff\xff\xff"
 
 
 def _request(n: int = 1, model: str = "churn") -> pb.ModelInferRequest:
@@ -145,7 +147,7 @@ async def test_a_message_that_does_not_parse_is_refused_and_the_next_call_is_ser
             response_deserializer=None,
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await raw(b"\x0a\xff\xff\xff", timeout=TIMEOUT)  # field 1, a length past the end
+            await raw(UNPARSABLE, timeout=TIMEOUT)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid message" in (caught.value.details() or "")
         reply = await stub.ModelInfer(_request(), timeout=TIMEOUT)
@@ -248,7 +250,7 @@ async def test_a_stream_message_that_does_not_parse_ends_the_stream_invalid_argu
             response_deserializer=None,
         )
         call = raw(timeout=TIMEOUT)
-        await call.write(b"\x0a\xff\xff\xff")
+        await call.write(UNPARSABLE)
         await call.done_writing()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call.read()
