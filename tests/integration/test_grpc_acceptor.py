@@ -118,6 +118,10 @@ async def test_a_cancelled_call_leaves_the_queue_before_its_batch_runs(
         gone = stub.ModelInfer(_request(3), timeout=TIMEOUT)
         await eventually(lambda: served.batcher.queued_rows == 5, timeout=TIMEOUT, what="5 rows")
         assert app._server.acceptor.accepted == before + 2
+        # Held past WATCH_AFTER_S, each has a watcher for its caller's cancel.
+        await eventually(
+            lambda: app._server.acceptor.watched >= 2, timeout=TIMEOUT, what="2 watchers"
+        )
         gone.cancel()
         await eventually(
             lambda: served.batcher.queued_rows == 2, timeout=TIMEOUT, what="the cancel to count"
