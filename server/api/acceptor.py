@@ -219,7 +219,7 @@ class CallAcceptor:
 
     async def _serve_unary(self, handler: grpc.RpcMethodHandler, call: _Call) -> None:
         """One unary call, start to end (see the module docstring for what differs); a watcher
-        started beside it cancels it if the client's side ends first."""
+        started once it has run WATCH_AFTER_S cancels it if the client's side ends first."""
         loop = self._loop
         assert loop is not None
         rpc_state = call.rpc_state
