@@ -220,8 +220,8 @@ class DynamicBatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Future[Outputs]] = set()
-        # The event loop it serves, bound at the first submit: asyncio.get_running_loop() is a
-        # getpid() system call in CPython 3.11 (its fork check), several microseconds on a VM.
+        # The event loop it serves, bound at the first submit: asyncio.get_running_loop() makes
+        # a getpid() system call in CPython 3.11 (its fork check; ~0.25 us measured here).
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- introspection ------------------------------------------------------------------
