@@ -5,7 +5,8 @@ two younger passes; under load, a request's objects live long enough (tens of mi
 be promoted, so full passes came about once a second, and each walked every object the process
 holds (the ONNX Runtime and gRPC modules, numpy, pydantic, the models' own objects): ~50 ms on
 the event loop, every request in flight waiting behind it. That was most of batchline's p99 at
-c=64 (perf_analyzer, churn, 2-core machine: p99 61-65 ms with, 25-34 ms without; bench/README).
+c=64 (perf_analyzer, churn, 2-core machine: p99 61-65 ms with, 25-34 ms without; README,
+"Against the field").
 
 `settle()` collects once and then freezes what survived (`gc.freeze`: moved to a permanent
 generation no pass walks), so later passes walk only what was made since. It runs once the
@@ -31,14 +32,13 @@ log = logging.getLogger(__name__)
 _MALLOC_TRIM: Any = None
 
 
-def settle(freeze: bool = True) -> float:
-    """Collect all garbage, then (with `freeze`) exempt the survivors from later passes; return
-    the seconds it took. With `freeze` False, undo an earlier freeze and only collect."""
+def settle() -> float:
+    """Undo an earlier freeze, collect all garbage, then exempt the survivors from later
+    passes; return the seconds it took."""
     began = time.perf_counter()
     gc.unfreeze()
     gc.collect()
-    if freeze:
-        gc.freeze()
+    gc.freeze()
     took = time.perf_counter() - began
     log.debug("heap settled in %.1f ms (%d objects frozen)", took * 1e3, gc.get_freeze_count())
     return took

@@ -361,15 +361,13 @@ class ModelManager:
     async def _retire(self, old: ServedModel) -> None:
         """The one place a version is released: once its queue drains, its batcher, executor
         and metric series (gauge callbacks hold the batcher) go; what is left is garbage."""
-        name, version = old.key.name, old.key.version
         await old.batcher.drain()
         old.batcher.close()
         await asyncio.get_running_loop().run_in_executor(None, old.runtime.close)
         self._forget_metrics(old)
-        del old
+        log.info("retired %s version %s", old.key.name, old.key.version)
         if self._on_retired is not None:
-            self._on_retired()
-        log.info("retired %s version %s", name, version)
+            self._on_retired()  # the app settles the heap after this turn, `old` gone by then
 
     def _forget_metrics(self, old: ServedModel) -> None:
         # The same version may be served again already (reload 1 -> 2 -> 1 before this one
