@@ -1,7 +1,8 @@
 """The RPC ceiling: a V2 gRPC server on batchline's stack that answers without inference.
 
 It runs the same transport as the real server (grpc.aio on uvloop, ``grpc.so_reuseport``, 64 MiB
-messages, the generated servicer registration) and answers ``ModelInfer`` / ``ModelStreamInfer``
+messages, the generated servicer registration; ``--transport native``: batchline's own HTTP/2
+transport, server/api/h2, with the same servicer) and answers ``ModelInfer`` / ``ModelStreamInfer``
 for any model name with one precomputed response, so whatever req/s it reaches is the most any
 Python server on this stack can reach on the same machine.
 
@@ -19,6 +20,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,6 +28,7 @@ import uvloop
 
 from server._proto import inference_pb2 as pb
 from server._proto import inference_pb2_grpc as pb_grpc
+from server.api.h2.server import NativeServer
 from server.readiness import write_ready_file
 
 MODEL_NAME = "echo"
@@ -148,10 +151,18 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=self._reply(request.id))
 
 
-async def serve(host: str, port: int, ready_file: Path | None, grace_s: float) -> None:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+async def serve(
+    host: str, port: int, ready_file: Path | None, grace_s: float, transport: str = "grpcio"
+) -> None:
+    server: Any
+    if transport == "native":
+        server = NativeServer(max_message_bytes=MAX_MESSAGE_BYTES)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
+        bound = server.add_port(host, port, reuse_port=True)
+    else:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"echo_server: could not bind {host}:{port}")
     await server.start()
@@ -172,8 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8001, help="0 picks any free port")
     parser.add_argument("--ready-file", type=Path, help="where to write {grpc_port, pid}")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to finish calls on stop")
+    parser.add_argument(
+        "--transport",
+        choices=("grpcio", "native"),
+        default="grpcio",
+        help="grpc.aio, or batchline's native HTTP/2 transport (server/api/h2)",
+    )
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.host, args.port, args.ready_file, args.grace))
+    uvloop.run(serve(args.host, args.port, args.ready_file, args.grace, args.transport))
     return 0
 
 

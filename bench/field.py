@@ -4,9 +4,12 @@ Every server is driven by Triton's C++ load generator, perf_analyzer (installed 
 scripts/install_perf_analyzer.sh), on the same ONNX files (the demo registry's churn = GBM,
 churn_mlp = 3x1024 MLP), 1 row per request:
 
-- echo       bench/echo_server.py: grpc.aio V2, a fixed reply (the RPC ceiling of the stack)
+- echo       bench/echo_server.py: grpc.aio V2, a fixed reply (the RPC ceiling of grpc.aio)
+- echo-native   the same servicer on batchline's native transport (server/api/h2): the
+             ceiling of batchline's own stack, which the echo targets compare against
 - naive      bench/peers/naive_server.py: grpc.aio V2, one session.run per request
-- batchline  `batchline serve` with its defaults (dynamic batching on)
+- batchline  `batchline serve` with its defaults (native gRPC transport, dynamic batching on)
+- batchline-grpcio    `batchline serve --grpc-transport grpcio` (grpc.aio with the acceptor)
 - batchline-nobatch   `batchline serve --no-batching`
 - triton     tritonserver 2.51 (nvidia-pytriton 0.7.0): C++ front and dynamic batcher, its
              python backend running ONNX Runtime on each batch (bench/peers/triton_model.py)
@@ -55,7 +58,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "run"
-SERVERS = ("echo", "naive", "batchline", "batchline-nobatch", "triton", "mlserver")
+SERVERS = (
+    "echo", "echo-native", "naive", "batchline", "batchline-grpcio", "batchline-nobatch",
+    "triton", "mlserver",
+)  # fmt: skip
 MODELS = ("churn", "churn_mlp")
 SATURATED_CORES = 0.85  # a process that used this much of a core had no idle time left
 # Servers whose ModelStreamInfer perf_analyzer cannot drive, and why.
@@ -158,9 +164,10 @@ def find(points: Iterable[Point], **kw: Any) -> Point | None:
 
 # name, (numerator selector, attribute), (denominator selector, attribute), op, goal
 TARGETS: tuple[tuple[str, dict[str, Any], dict[str, Any], str, str, float], ...] = (
-    ("churn c=64 unary req/s: batchline / echo",
+    # The echo of batchline's own transport (native: server/api/h2) is its ceiling.
+    ("churn c=64 unary req/s: batchline / echo-native",
      {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
-     {"server": "echo", "call": "unary", "concurrency": 64}, "rps", ">=", 0.9),
+     {"server": "echo-native", "call": "unary", "concurrency": 64}, "rps", ">=", 0.9),
     ("churn c=64 unary req/s: batchline / naive",
      {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
      {"server": "naive", "model": "churn", "call": "unary", "concurrency": 64}, "rps", ">=", 1.05),
@@ -173,9 +180,9 @@ TARGETS: tuple[tuple[str, dict[str, Any], dict[str, Any], str, str, float], ...]
     ("churn_mlp c=64 unary req/s: batchline / Triton",
      {"server": "batchline", "model": "churn_mlp", "call": "unary", "concurrency": 64},
      {"server": "triton", "model": "churn_mlp", "call": "unary", "concurrency": 64}, "rps", ">=", 1.0),
-    ("churn c=64 unary server CPU per request: batchline / echo",
+    ("churn c=64 unary server CPU per request: batchline / echo-native",
      {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
-     {"server": "echo", "call": "unary", "concurrency": 64}, "server_us_per_request", "<=", 1.15),
+     {"server": "echo-native", "call": "unary", "concurrency": 64}, "server_us_per_request", "<=", 1.15),
     ("churn c=64 req/s: batchline HTTP (binary) / Triton HTTP",
      {"server": "batchline", "model": "churn", "call": "http", "concurrency": 64},
      {"server": "triton", "model": "churn", "call": "http", "concurrency": 64}, "rps", ">=", 1.0),
@@ -423,12 +430,14 @@ def measure(
 def start_server(label: str, work: Path, registry: Path, onnx: dict[str, Path], cpus: str | None) -> Any:  # fmt: skip
     from bench.peers import launch
 
-    if label == "echo":
-        return launch.start_echo(work, cpus)
+    if label in ("echo", "echo-native"):
+        return launch.start_echo(work, cpus, "native" if label == "echo-native" else "grpcio")
     if label == "naive":
         return launch.start_naive(work, onnx, cpus)
     if label in ("batchline", "batchline-nobatch"):
         return launch.start_batchline(work, registry, list(onnx), label == "batchline", cpus)
+    if label == "batchline-grpcio":
+        return launch.start_batchline(work, registry, list(onnx), True, cpus, transport="grpcio")
     if label == "triton":
         return launch.start_triton(work, onnx, cpus)
     if label == "mlserver":
@@ -678,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mlserver": "MLServer 1.7.1, adaptive batching 32 / 5 ms, parallel_workers 0",
                 "naive": "grpc.aio + uvloop, one session.run per request on the loop",
                 "echo": "grpc.aio + uvloop, fixed reply",
+                "echo-native": "batchline's native HTTP/2 transport + uvloop, fixed reply",
             },
         },
         "points": [asdict(p) for p in points],

@@ -225,6 +225,7 @@ class App:
             max_connection_age_grace_s=server_settings.max_connection_age_grace_s,
             max_concurrent_rpcs=server_settings.max_concurrent_rpcs,
             max_pending_rpcs=server_settings.max_pending_rpcs,
+            transport=server_settings.grpc_transport,
         )
         if self.drift is not None:
             await self.drift.start()

@@ -257,6 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "registry": args.registry,
             "host": args.host,
             "grpc_port": args.grpc_port,
+            "grpc_transport": args.grpc_transport,
             "http_port": args.http_port,
             "metrics_port": args.metrics_port,
             "workers": args.workers,
@@ -537,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
+    serve.add_argument(
+        "--grpc-transport",
+        choices=("grpcio", "native"),
+        help="gRPC's server: grpcio (grpc.aio on gRPC core) or native (HTTP/2 on the loop)",
+    )
     serve.add_argument(
         "--http-port", type=int, help="V2 REST port (default 8000); 0: any free port; -1: off"
     )

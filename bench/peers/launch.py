@@ -127,9 +127,10 @@ def _start_with_ready_file(name: str, cmd: list[str], work: Path) -> Server:
 # ---- the servers -----------------------------------------------------------------------------
 
 
-def start_echo(work: Path, cpus: str | None) -> Server:
-    cmd = pinned([sys.executable, "-m", "bench.echo_server", "--port", "0"], cpus)
-    return _start_with_ready_file("echo", cmd, work)
+def start_echo(work: Path, cpus: str | None, transport: str = "grpcio") -> Server:
+    name = "echo" if transport == "grpcio" else f"echo-{transport}"
+    cmd = [sys.executable, "-m", "bench.echo_server", "--port", "0", "--transport", transport]
+    return _start_with_ready_file(name, pinned(cmd, cpus), work)
 
 
 def start_naive(work: Path, models: dict[str, Path], cpus: str | None) -> Server:
@@ -142,9 +143,17 @@ def start_naive(work: Path, models: dict[str, Path], cpus: str | None) -> Server
 
 
 def start_batchline(
-    work: Path, registry: Path, models: list[str], batching: bool, cpus: str | None
+    work: Path,
+    registry: Path,
+    models: list[str],
+    batching: bool,
+    cpus: str | None,
+    transport: str | None = None,
 ) -> Server:
+    """`batchline serve` with its defaults; `transport` overrides [server] grpc_transport."""
     name = "batchline" if batching else "batchline-nobatch"
+    if transport is not None:
+        name = f"batchline-{transport}"
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--registry", str(registry),
         "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
@@ -152,6 +161,8 @@ def start_batchline(
     ]  # fmt: skip
     if not batching:
         cmd.append("--no-batching")
+    if transport is not None:
+        cmd += ["--grpc-transport", transport]
     server = _start_with_ready_file(name, pinned(cmd, cpus), work)
     server.counts = lambda model: model_statistics(server.port, model)
     return server

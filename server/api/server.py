@@ -15,6 +15,7 @@ from server._proto import admin_pb2
 from server._proto import inference_pb2 as pb
 from server.api.acceptor import CallAcceptor
 from server.api.admin import AdminGuard, AdminServicer
+from server.api.h2.server import NativeServer, tls_context
 from server.api.servicer import InferenceServicer
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -130,7 +131,7 @@ def _reflection_pool(files: tuple[Any, ...]) -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+def add_reflection(server: Any, service_names: tuple[str, ...]) -> None:
     """Serve reflection for `service_names` under both reflection service names."""
     pool = _reflection_pool(
         (pb.DESCRIPTOR, admin_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
@@ -178,6 +179,38 @@ class GrpcServer:
         return getattr(self.server, name)
 
 
+def register(
+    server: Any,
+    servicer: InferenceServicer,
+    health_service: Health,
+    admin: AdminServicer | None,
+    guard: AdminGuard | None,
+) -> dict[str, grpc.RpcMethodHandler]:
+    """Every service on `server` (grpc.aio's or the native one: both take grpc's handlers):
+    inference, health, admin (when given), reflection. Returns the inference handlers."""
+    handlers = method_handlers(servicer, guard=guard)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
+    if admin is not None:
+        admin_handlers = method_handlers(
+            admin,
+            module=admin_pb2,
+            service_name="AdminService",
+            guard=guard,
+            admin_methods=None,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, admin_handlers),)
+        )
+        server.add_registered_method_handlers(ADMIN_SERVICE_NAME, admin_handlers)
+    add_reflection(
+        server,
+        (SERVICE_NAME, health.SERVICE_NAME, *((ADMIN_SERVICE_NAME,) if admin is not None else ())),
+    )
+    return handlers
+
+
 def build_server(
     servicer: InferenceServicer,
     health_service: Health,
@@ -193,11 +226,28 @@ def build_server(
     max_connection_age_grace_s: float = 30.0,
     max_concurrent_rpcs: int = 0,
     max_pending_rpcs: int = 0,
-) -> tuple[GrpcServer, int]:
+    transport: str = "grpcio",
+) -> tuple[GrpcServer | NativeServer, int]:
     """Return the server and the port it really bound (port 0 picks a free one).
 
-    Unless `max_concurrent_rpcs` is set (grpc.aio counts that limit in its own accept loop),
-    the hot methods get a CallAcceptor, so gRPC keeps its share of the loop beside HTTP."""
+    `transport` "native" serves the same handlers on server/api/h2 (HTTP/2 on the event loop);
+    "grpcio" on grpc.aio, where, unless `max_concurrent_rpcs` is set (grpc.aio counts that
+    limit in its own accept loop), the hot methods get a CallAcceptor, so gRPC keeps its share
+    of the loop beside HTTP."""
+    if transport == "native":
+        native = NativeServer(
+            max_message_bytes=max_message_bytes,
+            max_concurrent_rpcs=max_concurrent_rpcs,
+            max_connection_age_s=max_connection_age_s,
+            max_connection_age_grace_s=max_connection_age_grace_s,
+        )
+        register(native, servicer, health_service, admin, guard)
+        context = None if tls is None else tls_context(tls.cert, tls.key, tls.ca)
+        try:
+            bound = native.add_port(host, port, reuse_port=reuse_port, tls=context)
+        except OSError as exc:
+            raise OSError(f"cannot bind gRPC port {host}:{port}: {exc.strerror}") from exc
+        return native, bound
     server = grpc.aio.server(
         maximum_concurrent_rpcs=max_concurrent_rpcs or None,
         options=[
@@ -223,26 +273,7 @@ def build_server(
             else []
         ),
     )
-    handlers = method_handlers(servicer, guard=guard)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-    health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
-    if admin is not None:
-        admin_handlers = method_handlers(
-            admin,
-            module=admin_pb2,
-            service_name="AdminService",
-            guard=guard,
-            admin_methods=None,
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, admin_handlers),)
-        )
-        server.add_registered_method_handlers(ADMIN_SERVICE_NAME, admin_handlers)
-    add_reflection(
-        server,
-        (SERVICE_NAME, health.SERVICE_NAME, *((ADMIN_SERVICE_NAME,) if admin is not None else ())),
-    )
+    handlers = register(server, servicer, health_service, admin, guard)
     address = f"{host}:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)

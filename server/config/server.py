@@ -40,6 +40,12 @@ class ServerSettings:
 
     host: Str = "0.0.0.0"
     grpc_port: Port = 8001
+    # Who speaks gRPC on grpc_port: "native" (HTTP/2 parsed on the event loop itself,
+    # server/api/h2/: no gRPC core threads or completion queue between the socket and the
+    # handlers, ~2.3x the unary calls per core) or "grpcio" (grpc.aio on gRPC core). Same
+    # services, handlers, limits and TLS either way (README "gRPC transports");
+    # max_pending_rpcs is grpcio's alone (native starts every call it accepts at once).
+    grpc_transport: Literal["grpcio", "native"] = "native"
     # The Open Inference Protocol's HTTP/REST binding (Triton's port 8000), same process and
     # event loop as gRPC, same TLS files; 0: any free port; -1: off.
     http_port: OptionalPort = 8000
@@ -143,6 +149,13 @@ class ServerSettings:
         if self.http_port > 0 and self.http_port in (self.grpc_port, self.metrics_port):
             problems.add(
                 "http_port", f"{self.http_port} is also the gRPC or metrics port; pick another"
+            )
+        if self.grpc_transport == "native" and self.max_pending_rpcs > 0:
+            problems.add(
+                "max_pending_rpcs",
+                'caps gRPC core\'s queue, which only grpc_transport = "grpcio" has (the native '
+                "transport starts each call at once: cap them with {at}max_concurrent_rpcs, "
+                "or a model's max_queue_size)",
             )
         if not _DEPLOYMENT.fullmatch(self.deployment):
             problems.add(

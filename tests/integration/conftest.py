@@ -19,6 +19,11 @@ from tests.support.apps import AppFactory
 from tests.support.processes import RedisServer, ServerProcess, Sidecar, serving
 
 
+def _transport() -> dict[str, str]:
+    chosen = os.environ.get("BATCHLINE_SERVER__GRPC_TRANSPORT", "")
+    return {"grpc_transport": chosen} if chosen else {}
+
+
 @pytest.fixture
 async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
     """Start an in-process App on free ports; keyword arguments override model settings
@@ -48,6 +53,9 @@ async def start_app(demo_registry: Path) -> AsyncIterator[AppFactory]:
                 # Freezing the heap is a full collection of the whole pytest process per App:
                 # the tests of server/heap.py (and the retirement test) turn it on.
                 "gc_freeze": False,
+                # The suite runs on either gRPC transport (BATCHLINE_SERVER__GRPC_TRANSPORT, as
+                # for the subprocess servers, which read it from their environment).
+                **_transport(),
                 **(server or {}),
             },
             model_refs=models,

@@ -21,6 +21,8 @@ from tests.support.models import rows
 from tests.support.polling import eventually
 
 TIMEOUT = 30.0
+# The acceptor is grpc.aio's: these servers run on the grpcio transport whatever the default.
+GRPCIO = {"grpc_transport": "grpcio"}
 # A lone 1-row call waits for the preferred batch of 8: eight calls held in flight together.
 HOLD = {"preferred_batch_sizes": (8,), "max_queue_delay_us": 3_000_000}
 # Not a ModelInferRequest: field 1 (model_name) with a length past the end of the message.
@@ -41,7 +43,7 @@ def test_the_installed_grpcio_has_the_internals_the_acceptor_drives() -> None:
 async def test_calls_it_accepts_are_answered_like_any_other(start_app: AppFactory) -> None:
     """Eight calls sent at once reach gRPC core together: grpc.aio's own loop holds one request
     for a new call, so the acceptor takes the others; every one is answered with its rows."""
-    app = await start_app(models=("churn@production",), **HOLD)
+    app = await start_app(models=("churn@production",), server=GRPCIO, **HOLD)
     accept = app._server.acceptor
     assert accept is not None
     assert accept.active
@@ -75,7 +77,7 @@ async def _stub_stats(port: int) -> pb.ModelStatisticsResponse:
 
 
 async def test_max_concurrent_rpcs_leaves_accepting_to_grpc_aio(start_app: AppFactory) -> None:
-    app = await start_app(models=("churn@production",), server={"max_concurrent_rpcs": 4})
+    app = await start_app(models=("churn@production",), server={**GRPCIO, "max_concurrent_rpcs": 4})
     assert app._server.acceptor is None
     assert app._server.calls_in_flight() == 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
@@ -86,7 +88,7 @@ async def test_max_concurrent_rpcs_leaves_accepting_to_grpc_aio(start_app: AppFa
 
 
 async def test_stop_withdraws_every_outstanding_request(start_app: AppFactory) -> None:
-    app = await start_app(models=("churn@production",))
+    app = await start_app(models=("churn@production",), server=GRPCIO)
     accept = app._server.acceptor
     assert accept is not None
     assert len(accept._pending) == acceptor.DEFAULT_DEPTH * 2  # ModelInfer, ModelStreamInfer
@@ -109,7 +111,7 @@ async def _through_the_acceptor(app: App, stub: pb_grpc.GRPCInferenceServiceStub
 async def test_a_cancelled_call_leaves_the_queue_before_its_batch_runs(
     start_app: AppFactory,
 ) -> None:
-    app = await start_app(models=("churn@production",), **HOLD)
+    app = await start_app(models=("churn@production",), server=GRPCIO, **HOLD)
     served = app.models.get("churn")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -141,7 +143,7 @@ async def test_a_cancelled_call_leaves_the_queue_before_its_batch_runs(
 async def test_a_message_that_does_not_parse_is_refused_and_the_next_call_is_served(
     start_app: AppFactory,
 ) -> None:
-    app = await start_app(models=("churn@production",))
+    app = await start_app(models=("churn@production",), server=GRPCIO)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         before = await _through_the_acceptor(app, stub)
@@ -164,7 +166,7 @@ async def test_a_handler_that_fails_answers_unknown_and_the_server_goes_on(
 ) -> None:
     """A bug in a handler (here one injected into the data plane) is logged with its traceback
     and answered UNKNOWN, as grpc.aio answers it; the call after it is served."""
-    app = await start_app(models=("churn@production",))
+    app = await start_app(models=("churn@production",), server=GRPCIO)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         before = await _through_the_acceptor(app, stub)
@@ -211,7 +213,7 @@ def _stream_request(n: int, request_id: str) -> pb.ModelInferRequest:
 async def test_a_stream_it_runs_answers_each_request_by_id_and_survives_a_bad_one(
     start_app: AppFactory,
 ) -> None:
-    app = await start_app(models=("churn@production",))
+    app = await start_app(models=("churn@production",), server=GRPCIO)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         before = await _stream_through_the_acceptor(app, stub)
@@ -244,7 +246,7 @@ async def test_a_stream_it_runs_answers_each_request_by_id_and_survives_a_bad_on
 async def test_a_stream_message_that_does_not_parse_ends_the_stream_invalid_argument(
     start_app: AppFactory,
 ) -> None:
-    app = await start_app(models=("churn@production",))
+    app = await start_app(models=("churn@production",), server=GRPCIO)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         before = await _stream_through_the_acceptor(app, stub)
@@ -266,7 +268,7 @@ async def test_a_stream_message_that_does_not_parse_ends_the_stream_invalid_argu
 async def test_a_cancelled_stream_drops_its_queued_requests_and_the_server_goes_idle(
     start_app: AppFactory,
 ) -> None:
-    app = await start_app(models=("churn@production",), **HOLD)
+    app = await start_app(models=("churn@production",), server=GRPCIO, **HOLD)
     served = app.models.get("churn")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -258,7 +258,9 @@ async def test_full_queue_answers_resource_exhausted_at_once_and_accepted_reques
     reference: Callable[[np.ndarray], dict[str, np.ndarray]],
     plugs: Callable[[ServedModel], ExecutorPlug],
 ) -> None:
-    app = await start_app(models=(MLP_REF,), execution="executor", instances=1, max_queue_size=4)
+    app = await start_app(
+        models=(MLP_REF,), execution="executor", instances=1, max_batch_size=4, max_queue_size=4
+    )
     served = served_mlp(app)
     async with channel_to(app) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -2,7 +2,8 @@
 
 `max_concurrent_rpcs` caps the calls Python runs at once (grpc.aio refuses the rest with
 RESOURCE_EXHAUSTED before our handler); `max_pending_rpcs` caps the calls gRPC's core holds
-for Python and refuses beyond it without running any Python (gRPC core answers CANCELLED).
+for Python and refuses beyond it without running any Python (gRPC core answers CANCELLED; the
+grpcio transport's alone: the native one has no core queue, every call reaches Python at once).
 Either way every call gets an answer, nothing hangs, and the server serves on afterwards.
 """
 
@@ -77,7 +78,9 @@ async def test_pending_cap_sheds_in_grpc_core_and_nothing_is_lost(
     demo_registry: Path, tmp_path: Path
 ) -> None:
     statuses = await _flood(
-        demo_registry, tmp_path, "max_concurrent_rpcs = 2\nmax_pending_rpcs = 1\n"
+        demo_registry,
+        tmp_path,
+        'grpc_transport = "grpcio"\nmax_concurrent_rpcs = 2\nmax_pending_rpcs = 1\n',
     )
     # gRPC core refuses what it cannot hand to Python, before any Python runs: it says CANCELLED.
     assert statuses["CANCELLED"] > 0, statuses

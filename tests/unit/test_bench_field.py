@@ -90,7 +90,8 @@ def point(server: str, model: str, call: str, c: int, **kw: Any) -> Point:
 
 def test_targets_are_ratios_of_the_named_rows() -> None:
     points = [
-        point("echo", "-", "unary", 64, rps=2700.0, server_us_per_request=440.0),
+        point("echo", "-", "unary", 64, rps=1000.0, server_us_per_request=900.0),  # not used
+        point("echo-native", "-", "unary", 64, rps=2700.0, server_us_per_request=440.0),
         point("naive", "churn", "unary", 64, rps=2000.0),
         point("naive", "churn", "unary", 1, rps=900.0, p50_ms=1.0),
         point("batchline", "churn", "unary", 64, rps=2430.0, server_us_per_request=550.0),
@@ -106,12 +107,12 @@ def test_targets_are_ratios_of_the_named_rows() -> None:
     ]
     got = {t["target"]: t for t in targets(points)}
     expected = {
-        "churn c=64 unary req/s: batchline / echo": (2430 / 2700, True),  # 0.90 >= 0.9
+        "churn c=64 unary req/s: batchline / echo-native": (2430 / 2700, True),  # 0.90 >= 0.9
         "churn c=64 unary req/s: batchline / naive": (2430 / 2000, True),
         "churn c=1 unary p50: batchline / naive": (1.2 / 1.0, False),  # 1.2 > 1.1
         "churn c=64 req/s: batchline ModelStreamInfer / Triton unary": (1.0, True),
         "churn_mlp c=64 unary req/s: batchline / Triton": (0.5, False),
-        "churn c=64 unary server CPU per request: batchline / echo": (550 / 440, False),
+        "churn c=64 unary server CPU per request: batchline / echo-native": (550 / 440, False),
         "churn c=64 req/s: batchline HTTP (binary) / Triton HTTP": (4000 / 3600, True),
         "churn c=64 req/s: batchline HTTP (binary) / batchline gRPC unary": (4000 / 2430, True),
         "churn c=64 req/s: batchline HTTP JSON / HTTP binary": (0.5, False),  # < 0.6
@@ -126,29 +127,30 @@ def test_targets_are_ratios_of_the_named_rows() -> None:
 
 def test_a_missing_or_failed_row_makes_its_target_not_applicable() -> None:
     points = [
-        point("echo", "-", "unary", 64, rps=2700.0),
+        point("echo-native", "-", "unary", 64, rps=2700.0),
         point("batchline", "churn", "unary", 64, error="perf_analyzer exit 99: refused"),
     ]
     got = {t["target"]: t for t in targets(points)}
-    first = got["churn c=64 unary req/s: batchline / echo"]
+    first = got["churn c=64 unary req/s: batchline / echo-native"]
     assert first["measured"] is None
     assert first["met"] is None
 
 
 def test_a_saturated_client_is_named_in_the_target_note() -> None:
     points = [
-        point("echo", "-", "unary", 64, rps=2700.0, client_saturated=True),
+        point("echo-native", "-", "unary", 64, rps=2700.0, client_saturated=True),
         point("batchline", "churn", "unary", 64, rps=2000.0, client_saturated=False),
     ]
     (first, *_rest) = targets(points)
-    assert first["note"] == "client saturated (echo)"
+    assert first["note"] == "client saturated (echo-native)"
 
 
 def test_throughput_targets_also_compare_per_server_core() -> None:
     # batchline got half a core (a busy machine): 1,000 req/s at 500 us each; echo a whole
     # core: 2,500 req/s at 400 us each. Per core, batchline does 1/500 vs echo's 1/400.
     points = [
-        point("echo", "-", "unary", 64, rps=2500.0, server_us_per_request=400.0, server_cores=1.0),
+        point("echo-native", "-", "unary", 64, rps=2500.0, server_us_per_request=400.0,
+              server_cores=1.0),
         point("batchline", "churn", "unary", 64, rps=1000.0, server_us_per_request=500.0,
               server_cores=0.5),
     ]  # fmt: skip

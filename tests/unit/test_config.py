@@ -205,6 +205,9 @@ def test_unknown_key_is_refused_naming_the_full_key(write: Writer, text: str, ke
         ("[server]\nhost = 1\n", "server.host"),
         ("[server]\nfeature_min_keys = 0\n", "server.feature_min_keys"),
         ("[server]\nmax_pending_rpcs = -1\n", "server.max_pending_rpcs"),
+        # gRPC core's queue cap, on the transport that has no gRPC core
+        ("[server]\nmax_pending_rpcs = 8\n", "server.max_pending_rpcs"),
+        ("[server]\ngrpc_transport = 'core'\n", "server.grpc_transport"),
         ("[server]\nfeature_max_delay_us = -1\n", "server.feature_max_delay_us"),
     ],
 )
@@ -223,8 +226,17 @@ def test_bad_value_is_refused_naming_the_key(write: Writer, text: str, key: str)
         ("max_batch_size = 8\npreferred_batch_sizes = [0]", "preferred_batch_sizes"),
         ("instances = 0", "instances"),
         ("max_queue_size = -1", "max_queue_size"),
+        ("max_batch_size = 8\nmax_queue_size = 4", "max_queue_size"),
     ],
-    ids=["batch-0", "negative-delay", "preferred-above-max", "preferred-0", "instances-0", "queue"],
+    ids=[
+        "batch-0",
+        "negative-delay",
+        "preferred-above-max",
+        "preferred-0",
+        "instances-0",
+        "queue",
+        "queue-below-one-batch",
+    ],
 )
 def test_a_batch_policy_the_batcher_cannot_run_is_refused_naming_the_key(
     write: Writer, text: str, key: str

@@ -33,6 +33,7 @@ SPECIAL: dict[str, str] = {
     "server.http_port": "8080",
     "server.log_level": "debug",
     "server.log_format": "json",
+    "server.grpc_transport": "grpcio",
     "server.deployment": "staging-2",
     "server.feature_store": "redis://redis.example:6379/0",
     "drift.grpc_port": "8021",
@@ -54,6 +55,7 @@ SPECIAL: dict[str, str] = {
 COMPANIONS: dict[str, dict[str, str]] = {
     "fallback": {"fallback_outputs": '{"label": 0}'},
     "canary_percent": {"canary": "2"},
+    "server.max_pending_rpcs": {"server.grpc_transport": "grpcio"},
     "server.tls_cert": {"server.tls_key": "FILE"},
     "server.tls_key": {"server.tls_cert": "FILE"},
     "server.tls_ca": {"server.tls_cert": "FILE", "server.tls_key": "FILE"},
