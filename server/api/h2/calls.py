@@ -39,23 +39,36 @@ class AbortError(Exception):
 
 class Inbox:
     """A call's request messages, in order, as they arrive; ends when the client half-closes
-    (or the call ends). Iterated by streaming handlers, read by `context.read`."""
+    (or the call ends). Iterated by streaming handlers, read by `context.read`. `taken` is
+    told the wire size of each message the handler takes (the connection then reopens the
+    stream's window: a handler that reads slowly holds its client back)."""
 
-    __slots__ = ("_ended", "_messages", "_waiter", "deserialize")
+    __slots__ = ("_ended", "_messages", "_taken", "_waiter", "deserialize", "queued")
 
-    def __init__(self, deserialize: Callable[[bytes], Any] | None) -> None:
-        self._messages: deque[bytes] = deque()
+    def __init__(
+        self, deserialize: Callable[[bytes], Any] | None, taken: Callable[[int], None]
+    ) -> None:
+        self._messages: deque[tuple[bytes, int]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
+        self._taken = taken
         self.deserialize = deserialize
+        self.queued = 0  # wire bytes waiting for the handler
 
-    def put(self, message: bytes) -> None:
-        self._messages.append(message)
+    def put(self, message: bytes, wire: int) -> None:
+        self._messages.append((message, wire))
+        self.queued += wire
         self._wake()
 
     def end(self) -> None:
         self._ended = True
         self._wake()
+
+    def drop(self) -> None:
+        """The call is over: what waits is thrown away, the handler reads the end."""
+        self._messages.clear()
+        self.queued = 0
+        self.end()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -72,7 +85,10 @@ class Inbox:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._messages.popleft()
+        message, wire = self._messages.popleft()
+        self.queued -= wire
+        self._taken(wire)
+        return message
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
@@ -238,8 +254,8 @@ async def run_unary(stream: Stream, handler: grpc.RpcMethodHandler, request: Any
         if stream.finished:
             return
         code = context._code
-        if reply is None and code is not None and code != grpc.StatusCode.OK:
-            context.close()
+        if code is not None and code != grpc.StatusCode.OK:
+            context.close()  # grpc.aio's rule: a code set by the handler wins over its reply
             return
         serialize = handler.response_serializer
         stream.reply(reply if serialize is None else serialize(reply), context._trailing)
@@ -250,6 +266,7 @@ async def run_unary(stream: Stream, handler: grpc.RpcMethodHandler, request: Any
     except Exception as exc:
         _failed(stream, exc)
     finally:
+        stream.ended()
         context.run_callbacks()
 
 
@@ -277,6 +294,15 @@ async def run_streaming(stream: Stream, handler: grpc.RpcMethodHandler, request:
                 waiting = stream.send_message(reply if serialize is None else serialize(reply))
                 if waiting is not None:
                     await waiting
+        elif hasattr(result, "__next__"):
+            # A plain generator (grpc.aio runs those in its thread pool): run inline, each
+            # reply sent as it comes.
+            for reply in result:
+                if stream.finished:
+                    break
+                waiting = stream.send_message(reply if serialize is None else serialize(reply))
+                if waiting is not None:
+                    await waiting
         else:
             reply = await _resolve(result)
             if handler.stream_unary is not None and not stream.finished and reply is not None:
@@ -292,17 +318,28 @@ async def run_streaming(stream: Stream, handler: grpc.RpcMethodHandler, request:
     except Exception as exc:
         _failed(stream, exc)
     finally:
-        close = getattr(result, "aclose", None) if result is not None else None
-        if close is not None:
-            try:
-                await close()  # the handler's own cleanup
-            except Exception:
-                log.exception("a gRPC stream handler failed while closing")
-        context.run_callbacks()
+        try:
+            if hasattr(result, "aclose"):
+                await result.aclose()  # the handler's own cleanup
+            elif hasattr(result, "__next__") and hasattr(result, "close"):
+                result.close()
+        except Exception:
+            log.exception("a gRPC stream handler failed while closing")
+        finally:
+            stream.ended()
+            context.run_callbacks()
 
 
 def _failed(stream: Stream, exc: Exception) -> None:
-    """What grpc.aio answers a handler's unexpected exception with."""
+    """What grpc.aio answers a handler's unexpected exception with: the code the handler
+    set, if it set one, else UNKNOWN naming the exception."""
+    if stream.finished:
+        return
+    context = stream.context
+    code = None if context is None else context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        assert context is not None
+        stream.finish(code.value[0], context.details(), context.trailing_metadata())
+        return
     log.exception("unexpected %s in a gRPC call", type(exc).__name__, exc_info=exc)
-    if not stream.finished:
-        stream.finish(_UNKNOWN, details(f"Unexpected {type(exc)}: {exc}"))
+    stream.finish(_UNKNOWN, details(f"Unexpected {type(exc)}: {exc}"))

@@ -9,9 +9,12 @@ the blocks of a success (`RESPONSE_HEADERS`, `OK_TRAILERS`) are constants.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import struct
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -71,6 +74,11 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return FRAME_HEADER.pack(size >> 16, size & 0xFFFF, kind, flags, stream) + payload
 
 
+def header(kind: int, flags: int, stream: int, size: int) -> bytes:
+    """A frame's 9-byte header alone (the payload follows it in the same write)."""
+    return FRAME_HEADER.pack(size >> 16, size & 0xFFFF, kind, flags, stream)
+
+
 def settings_frame(values: dict[int, int]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in values.items()))
 
@@ -125,16 +133,31 @@ RESPONSE_HEADERS = b"\x88" + _CONTENT_TYPE  # :status 200 (static index 8), cont
 OK_TRAILERS = literal(b"grpc-status", b"0")
 
 
-def metadata_block(metadata: tuple[tuple[str, str | bytes], ...] | list[Any]) -> bytes:
-    """Custom metadata as header fields: keys lower-case, `-bin` values base64 (unpadded)."""
+_KEY = re.compile(rb"[0-9a-z_.-]+")
+_VALUE = re.compile(rb"[\x20-\x7e]*")
+
+
+def metadata_block(metadata: Any) -> bytes:
+    """Custom metadata as header fields: keys lower-case, `-bin` values base64 (unpadded).
+
+    A key that is not a legal gRPC metadata key (digits, lower-case letters, `_ . -`), a
+    reserved one (`grpc-*`, pseudo-headers), or a text value with bytes outside printable ASCII
+    is left out and logged: sent, it would make the peer reset the stream."""
     out = []
     for key, value in metadata:
-        name = key.lower().encode("ascii")
-        if name.endswith(b"-bin"):
-            raw = value if isinstance(value, bytes) else value.encode("utf-8")
-            encoded = base64.b64encode(raw).rstrip(b"=")
-        else:
-            encoded = value.encode("ascii") if isinstance(value, str) else bytes(value)
+        try:
+            name = str(key).lower().encode("ascii")
+            if name.endswith(b"-bin"):
+                raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+                encoded = base64.b64encode(raw).rstrip(b"=")
+            else:
+                encoded = value.encode("ascii") if isinstance(value, str) else bytes(value)
+        except (UnicodeError, TypeError, ValueError):
+            log.warning("metadata %r left out: not ASCII", key)
+            continue
+        if not _KEY.fullmatch(name) or name.startswith(b"grpc-") or not _VALUE.fullmatch(encoded):
+            log.warning("metadata %r left out: not a valid gRPC metadata key or value", key)
+            continue
         out.append(literal(name, encoded))
     return b"".join(out)
 

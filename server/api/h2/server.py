@@ -42,9 +42,10 @@ class NativeServer:
         self.max_calls = max_concurrent_rpcs
         self.max_connection_age_s = max_connection_age_s
         self.max_connection_age_grace_s = max_connection_age_grace_s
-        self.calls = 0  # calls whose handler runs
-        self.unary_calls = 0  # of those, unary-unary (read by the REST turn budget)
+        self.calls = 0  # calls admitted and not ended (max_concurrent_rpcs counts these)
+        self.unary_calls = 0  # unary handlers running (read by the REST turn budget)
         self.connections: set[Connection] = set()
+        self.accepted = 0  # connections accepted since start
         self._registered: dict[bytes, grpc.RpcMethodHandler] = {}
         self._generic: list[Any] = []
         self._socket: socket.socket | None = None
@@ -143,11 +144,7 @@ class NativeServer:
             self._closed.set()
 
     def unary_done(self, task: asyncio.Task[None]) -> None:
-        self.calls -= 1
         self.unary_calls -= 1
-
-    def call_done(self, task: asyncio.Task[None]) -> None:
-        self.calls -= 1
 
     def calls_in_flight(self) -> int:
         return self.unary_calls
