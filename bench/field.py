@@ -63,6 +63,7 @@ SERVERS = (
     "triton", "mlserver",
 )  # fmt: skip
 MODELS = ("churn", "churn_mlp")
+ECHOES = ("echo", "echo-native")  # fixed replies: one row per call, any model name, no batching
 SATURATED_CORES = 0.85  # a process that used this much of a core had no idle time left
 # Servers whose ModelStreamInfer perf_analyzer cannot drive, and why.
 NO_STREAM = {
@@ -164,7 +165,14 @@ def find(points: Iterable[Point], **kw: Any) -> Point | None:
 
 # name, (numerator selector, attribute), (denominator selector, attribute), op, goal
 TARGETS: tuple[tuple[str, dict[str, Any], dict[str, Any], str, str, float], ...] = (
-    # The echo of batchline's own transport (native: server/api/h2) is its ceiling.
+    # As filed: against grpc.aio's echo (the stack batchline ran on then).
+    ("churn c=64 unary req/s: batchline / echo",
+     {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
+     {"server": "echo", "call": "unary", "concurrency": 64}, "rps", ">=", 0.9),
+    ("churn c=64 unary server CPU per request: batchline / echo",
+     {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
+     {"server": "echo", "call": "unary", "concurrency": 64}, "server_us_per_request", "<=", 1.15),
+    # Stricter: against the echo of batchline's own transport (native: server/api/h2).
     ("churn c=64 unary req/s: batchline / echo-native",
      {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
      {"server": "echo-native", "call": "unary", "concurrency": 64}, "rps", ">=", 0.9),
@@ -384,9 +392,10 @@ def measure(
 ) -> Point:  # fmt: skip
     window_ms = window_ms or args.window_ms
     trials = trials or args.trials
-    point = Point(label, "-" if label == "echo" else model, call, concurrency)
+    point = Point(label, "-" if label in ECHOES else model, call, concurrency)
     report = work / f"{label}-{model}-{call}-c{concurrency}.csv"
-    shape = "input:1,15" if label == "echo" else None  # echo's config has no batch dimension
+    # the echo servers' config has no batch dimension
+    shape = "input:1,15" if label in ECHOES else None
     port = server.http_port if call in ("http", "http-json") else server.port
     cmd = perf_analyzer_cmd(
         port, model, concurrency, call, window_ms, trials, report, shape, args.client_cpus
@@ -430,7 +439,7 @@ def measure(
 def start_server(label: str, work: Path, registry: Path, onnx: dict[str, Path], cpus: str | None) -> Any:  # fmt: skip
     from bench.peers import launch
 
-    if label in ("echo", "echo-native"):
+    if label in ECHOES:
         return launch.start_echo(work, cpus, "native" if label == "echo-native" else "grpcio")
     if label == "naive":
         return launch.start_naive(work, onnx, cpus)
@@ -468,14 +477,14 @@ def run_server(
 ) -> list[Point]:
     from bench.processes import LaunchError
 
-    models = ["churn"] if label == "echo" else [m for m in args.models if m in onnx]
+    models = ["churn"] if label in ECHOES else [m for m in args.models if m in onnx]
     plan, skipped = measurement_plan(label, models, args)
     try:
         server = start_server(label, work, registry, onnx, args.server_cpus)
     except (LaunchError, OSError, subprocess.CalledProcessError) as exc:
         print(f"{label}: did not start: {exc}", file=sys.stderr, flush=True)
         reason = str(exc).splitlines()[0][:200]
-        return [Point(label, "-" if label == "echo" else m, call, c, error=reason) for m, call, c in plan]  # fmt: skip
+        return [Point(label, "-" if label in ECHOES else m, call, c, error=reason) for m, call, c in plan]  # fmt: skip
     points = []
     try:
         for model in models:

@@ -3,8 +3,9 @@
 1. Unloaded and capacity: batchline with its default settings, loadtest unary on one model
    (churn): c=1 gives the unloaded p50/p99, c=64 the capacity C (req/s).
 2. Overload, twice: batchline with `max_in_flight` / `max_queue_size` / `max_concurrent_rpcs`
-   sized by Little's law (C x unloaded p99), shedding in Python only ("python"), then also with
-   gRPC core's pending-call cap `max_pending_rpcs` ("core"). loadtest (its own process) offers
+   sized by Little's law (C x unloaded p99), shedding in Python only ("python", the default
+   native transport), then on the grpcio transport with gRPC core's pending-call cap
+   `max_pending_rpcs` as well ("core"). loadtest (its own process) offers
    2 x C req/s with `--rps`; loadtest keeps latencies of successful calls only, so a light probe
    client beside it sends paced calls of its own and records every call's latency by status.
 
@@ -268,13 +269,14 @@ def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         f'[models.{model}]\nref = "{model}@production"\n{case.model_settings}'
         f"max_in_flight = {max_in_flight}\nmax_queue_size = {max_queue_size}\n"
     )
-    # Two ways to shed: in Python only (every refusal is RESOURCE_EXHAUSTED, but calls queue in
-    # gRPC's core until Python takes them), and with gRPC core's pending-call cap as well
-    # (refused before Python, fast, but gRPC core answers those CANCELLED).
+    # Two ways to shed: in Python only, on the default (native) transport, where every call
+    # reaches Python as soon as its headers are read and every refusal is RESOURCE_EXHAUSTED;
+    # and on the grpcio transport with gRPC core's pending-call cap (refused before Python,
+    # fast, but gRPC core answers those CANCELLED; only grpcio has that queue).
     configs = {
         "python": f"[server]\nmax_concurrent_rpcs = {concurrent}\n{model_lines}",
         "core": (
-            f"[server]\nmax_concurrent_rpcs = {concurrent}\n"
+            f'[server]\ngrpc_transport = "grpcio"\nmax_concurrent_rpcs = {concurrent}\n'
             f"max_pending_rpcs = {args.max_pending_rpcs}\n{model_lines}"
         ),
     }

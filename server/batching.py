@@ -252,6 +252,13 @@ class DynamicBatcher:
         limit = self.policy.max_queue_size
         if limit is not None and self._queued_rows + rows > limit:
             self._observer.dropped("queue_full", 1)
+            if rows > limit:
+                # Not a busy queue: this request can never fit (a small queue sized for
+                # shedding, with a larger max_batch_size).
+                raise ResourceExhausted(
+                    f"request has {rows} rows; the queue for model {self.name} holds at most "
+                    f"{limit} (max_queue_size)"
+                )
             raise ResourceExhausted(
                 f"queue for model {self.name} is full ({self._queued_rows} of {limit} rows waiting)"
             )

@@ -105,14 +105,6 @@ class ModelSettings(ModelDefaults):
                     f"{size} is outside 1..max_batch_size ({self.max_batch_size})",
                 )
                 break
-        if self.dynamic_batching and 0 < self.max_queue_size < self.max_batch_size:
-            # A request of max_batch_size rows could never be queued: it would be refused as
-            # "queue full" with the queue empty.
-            problems.add(
-                "max_queue_size",
-                f"{self.max_queue_size} rows is less than one batch "
-                f"(max_batch_size {self.max_batch_size}); 0 means unbounded",
-            )
         if not _is_ref(self.ref):
             problems.add("ref", f"expected NAME@ALIAS or NAME@VERSION, got {self.ref!r}")
         problems.check()

@@ -232,6 +232,17 @@ async def test_full_queue_raises_resource_exhausted_without_suspending(
     assert model.batch_rows == [1, 3]
 
 
+async def test_a_request_larger_than_the_whole_queue_says_so(executor: ThreadPoolExecutor) -> None:
+    """Not "full" with the queue empty: the request can never fit, and the message names the
+    bound that refuses it."""
+    batcher = make(Model(threading.Event()), executor=executor, max_queue_size=3)
+    with pytest.raises(
+        ResourceExhausted, match=r"request has 5 rows; .* at most 3 \(max_queue_size\)"
+    ):
+        await batcher.submit(req(1.0, rows=5), 5)
+    assert batcher.queued_rows == 0
+
+
 async def test_cancelled_caller_never_reaches_the_model_and_mates_still_resolve(
     gate: threading.Event, executor: ThreadPoolExecutor
 ) -> None:

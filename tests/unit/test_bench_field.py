@@ -90,7 +90,7 @@ def point(server: str, model: str, call: str, c: int, **kw: Any) -> Point:
 
 def test_targets_are_ratios_of_the_named_rows() -> None:
     points = [
-        point("echo", "-", "unary", 64, rps=1000.0, server_us_per_request=900.0),  # not used
+        point("echo", "-", "unary", 64, rps=1000.0, server_us_per_request=900.0),
         point("echo-native", "-", "unary", 64, rps=2700.0, server_us_per_request=440.0),
         point("naive", "churn", "unary", 64, rps=2000.0),
         point("naive", "churn", "unary", 1, rps=900.0, p50_ms=1.0),
@@ -107,6 +107,8 @@ def test_targets_are_ratios_of_the_named_rows() -> None:
     ]
     got = {t["target"]: t for t in targets(points)}
     expected = {
+        "churn c=64 unary req/s: batchline / echo": (2430 / 1000, True),
+        "churn c=64 unary server CPU per request: batchline / echo": (550 / 900, True),
         "churn c=64 unary req/s: batchline / echo-native": (2430 / 2700, True),  # 0.90 >= 0.9
         "churn c=64 unary req/s: batchline / naive": (2430 / 2000, True),
         "churn c=1 unary p50: batchline / naive": (1.2 / 1.0, False),  # 1.2 > 1.1
@@ -141,7 +143,9 @@ def test_a_saturated_client_is_named_in_the_target_note() -> None:
         point("echo-native", "-", "unary", 64, rps=2700.0, client_saturated=True),
         point("batchline", "churn", "unary", 64, rps=2000.0, client_saturated=False),
     ]
-    (first, *_rest) = targets(points)
+    first = {t["target"]: t for t in targets(points)}[
+        "churn c=64 unary req/s: batchline / echo-native"
+    ]
     assert first["note"] == "client saturated (echo-native)"
 
 
@@ -154,7 +158,9 @@ def test_throughput_targets_also_compare_per_server_core() -> None:
         point("batchline", "churn", "unary", 64, rps=1000.0, server_us_per_request=500.0,
               server_cores=0.5),
     ]  # fmt: skip
-    (first, *_rest) = targets(points)
+    first = {t["target"]: t for t in targets(points)}[
+        "churn c=64 unary req/s: batchline / echo-native"
+    ]
     assert first["measured"] == pytest.approx(0.4)
     assert first["per_core"] == pytest.approx(400 / 500)
     assert first["note"] == "server under 0.85 cores (batchline)"

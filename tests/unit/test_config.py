@@ -226,7 +226,6 @@ def test_bad_value_is_refused_naming_the_key(write: Writer, text: str, key: str)
         ("max_batch_size = 8\npreferred_batch_sizes = [0]", "preferred_batch_sizes"),
         ("instances = 0", "instances"),
         ("max_queue_size = -1", "max_queue_size"),
-        ("max_batch_size = 8\nmax_queue_size = 4", "max_queue_size"),
     ],
     ids=[
         "batch-0",
@@ -235,7 +234,6 @@ def test_bad_value_is_refused_naming_the_key(write: Writer, text: str, key: str)
         "preferred-0",
         "instances-0",
         "queue",
-        "queue-below-one-batch",
     ],
 )
 def test_a_batch_policy_the_batcher_cannot_run_is_refused_naming_the_key(

@@ -1,4 +1,6 @@
-"""How many REST requests may start per event-loop turn while gRPC calls are in flight.
+"""How many REST requests may start per event-loop turn while gRPC calls are in flight (on the
+grpcio transport: the native one's calls take no more turns than REST's, and the App gives it
+no budget).
 
 Both bindings run on one loop, and the loop serves whatever is ready, turn by turn. A REST
 request is ready the moment its bytes arrive and runs to its batch in the same turn; a grpc.aio
