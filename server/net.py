@@ -1,8 +1,10 @@
-"""Small network helpers shared by the server's listeners (admin guard, drift sidecar)."""
+"""Small network helpers shared by the server's listeners (admin guard, drift sidecar, the
+REST and native gRPC sockets)."""
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 
 def is_loopback(host: str) -> bool:
@@ -13,3 +15,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool, backlog: int) -> socket.socket:
+    """A non-blocking TCP socket bound to host:port and listening (port 0 picks a free one;
+    SO_REUSEPORT lets --workers share it). Raises OSError; the socket is closed then."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

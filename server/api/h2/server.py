@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from server.api.h2.connection import Connection
+from server.net import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,7 @@ class NativeServer:
         self, host: str, port: int, *, reuse_port: bool, tls: ssl.SSLContext | None = None
     ) -> int:
         """Bind now (so the port is known before start, as with grpc.aio); 0 picks one."""
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(4096)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(host, port, reuse_port=reuse_port, backlog=4096)
         self._socket = sock
         self._ssl = tls
         return int(sock.getsockname()[1])

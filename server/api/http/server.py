@@ -29,6 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.api.http.app import RestApp
+from server.net import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +147,12 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
+        return listening_socket(host, port, reuse_port=reuse_port, backlog=2048)
     except OSError as exc:
-        sock.close()
         raise OSError(
             exc.errno, f"cannot bind the HTTP port {host}:{port}: {exc.strerror}"
         ) from None
-    return sock
 
 
 class RestServer:
