@@ -9,6 +9,7 @@ request is its microseconds:
 
     grpc+loop   samples with no batchline frame below the event loop (grpc.aio's Cython core,
                 uvloop, protobuf parsing; and grpc's poller thread)
+    transport   server/api/h2/: the native gRPC transport's own Python (frames, HPACK, calls)
     handler     servicer.py's own lines          decode     api/codec.py
     pipeline    pipeline.py, routing, shadow/,   batcher    batching.py (queue, futures, cut)
                 breaker
@@ -39,6 +40,7 @@ from bench.processes import cpu_seconds
 PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "run"
 
 STAGES = (
+    ("server/api/h2/", "transport"),
     ("server/api/codec.py", "decode"),
     ("server/api/wire.py", "encode"),
     ("server/api/servicer.py", "handler"),
@@ -53,6 +55,7 @@ STAGES = (
 )
 ORDER = (
     "grpc+loop",
+    "transport",
     "handler",
     "decode",
     "pipeline",
