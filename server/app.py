@@ -310,12 +310,8 @@ class App:
             max_body_bytes=srv.max_message_bytes,
             guard=guard,
             tracing=self._active_tracing,
-            # The turn budget is grpc.aio's remedy (its calls take several loop turns each,
-            # server/api/http/fairness.py); the native transport's calls start and answer in
-            # the turn their bytes arrive, like REST's, so neither yields to the other.
-            grpc_busy=(lambda: False)
-            if srv.grpc_transport == "native"
-            else lambda: self._server is not None and self._server.calls_in_flight() > 0,
+            # Each transport says whether REST must yield turns to it (grpcio) or not (native).
+            grpc_busy=self._server.rest_contention(),
         )
         self._rest = RestServer(
             rest_app,

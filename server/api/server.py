@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,11 @@ class GrpcServer:
         """Hot-method calls accepted and not finished (those grpc.aio's own accept loop took
         are not counted: with the acceptor on, core hands it nearly every call)."""
         return 0 if self.acceptor is None else self.acceptor.in_flight
+
+    def rest_contention(self) -> Callable[[], bool] | None:
+        """What REST's turn budget asks: whether gRPC calls are in flight (grpc.aio's take
+        several loop turns each, server/api/http/fairness.py)."""
+        return lambda: self.calls_in_flight() > 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.server, name)

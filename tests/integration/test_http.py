@@ -735,8 +735,9 @@ async def test_rest_requests_started_under_the_turn_budget_join_the_grpc_calls_b
     start_app: AppFactory,
 ) -> None:
     """Four 1-row gRPC calls are held in flight (waiting for the preferred batch of 8), so REST
-    starts one request per loop turn; four 1-row REST requests still fill that one batch."""
-    app = await start_app(models=("churn@production",), **HOLD)
+    starts one request per loop turn; four 1-row REST requests still fill that one batch. (The
+    budget is the grpcio transport's: the native one needs none.)"""
+    app = await start_app(models=("churn@production",), server={"grpc_transport": "grpcio"}, **HOLD)
     request = pb.ModelInferRequest(model_name="churn")
     request.inputs.add(name="input", datatype="FP32", shape=[1, 15])
     request.raw_input_contents.append(rows(1, False).tobytes())

@@ -1124,17 +1124,12 @@ class Connection(asyncio.Protocol):
         self._start(stream, request)
 
     def _start(self, stream: Stream, request: Any) -> None:
-        server = self.server
         handler = stream.handler
-        unary = handler.unary_unary is not None
-        run = run_unary if unary else run_streaming
+        run = run_unary if handler.unary_unary is not None else run_streaming
         task = self.loop.create_task(run(stream, handler, request))
         stream.task = task
         self.running += 1
         task.add_done_callback(self._task_done)
-        if unary:
-            server.unary_calls += 1
-            task.add_done_callback(server.unary_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.running -= 1

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import grpc
@@ -44,7 +44,6 @@ class NativeServer:
         self.max_connection_age_s = max_connection_age_s
         self.max_connection_age_grace_s = max_connection_age_grace_s
         self.calls = 0  # calls admitted and not ended (max_concurrent_rpcs counts these)
-        self.unary_calls = 0  # unary handlers running (read by the REST turn budget)
         self.connections: set[Connection] = set()
         self.accepted = 0  # connections accepted since start
         self._registered: dict[bytes, grpc.RpcMethodHandler] = {}
@@ -132,11 +131,10 @@ class NativeServer:
         if self._closed is not None:
             self._closed.set()
 
-    def unary_done(self, task: asyncio.Task[None]) -> None:
-        self.unary_calls -= 1
-
-    def calls_in_flight(self) -> int:
-        return self.unary_calls
+    def rest_contention(self) -> Callable[[], bool] | None:
+        """None: REST needs no turn budget beside this transport (its calls start and answer
+        in the loop turn their bytes arrive, as REST's do; server/api/http/fairness.py)."""
+        return None
 
 
 def tls_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
