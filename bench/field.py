@@ -188,6 +188,13 @@ TARGETS: tuple[tuple[str, dict[str, Any], dict[str, Any], str, str, float], ...]
     ("churn_mlp c=64 unary req/s: batchline / Triton",
      {"server": "batchline", "model": "churn_mlp", "call": "unary", "concurrency": 64},
      {"server": "triton", "model": "churn_mlp", "call": "unary", "concurrency": 64}, "rps", ">=", 1.0),
+    # Batching that pays: on a cheap model, the batcher beats running each request alone.
+    ("churn c=64 unary req/s: batchline / batchline-nobatch",
+     {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
+     {"server": "batchline-nobatch", "model": "churn", "call": "unary", "concurrency": 64}, "rps", ">=", 1.05),
+    ("churn c=64 unary server CPU per request: batchline / batchline-nobatch",
+     {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
+     {"server": "batchline-nobatch", "model": "churn", "call": "unary", "concurrency": 64}, "server_us_per_request", "<=", 0.95),
     ("churn c=64 unary server CPU per request: batchline / echo-native",
      {"server": "batchline", "model": "churn", "call": "unary", "concurrency": 64},
      {"server": "echo-native", "call": "unary", "concurrency": 64}, "server_us_per_request", "<=", 1.15),

@@ -9,6 +9,12 @@ batch schedules the next. Learned from MLServer and Ray Serve, and unlike them:
   is in rows too; a full queue rejects at once (ResourceExhausted), it never blocks a caller;
 - an instance permit is taken before a batch is cut, so under saturation batches grow instead of
   many tiny batches waiting for a worker;
+- work-conserving: a partial batch waits for company only while company keeps coming. Once
+  the loop has turned `QUIET_TURNS` times (each turn polls the sockets) without a new request,
+  the batch is cut, whatever `max_queue_delay_s` says; the delay bounds the wait when requests
+  trickle in every turn. Waiting on a quiet loop only idles the core: under a closed loop of
+  64 callers on churn it kept the server 16 % idle (18.3k req/s at 0.84 cores, 21.5k once cut
+  on quiet, bench/field.py);
 - cancelled and expired requests are dropped before a batch runs and never reach the model; a
   cancelled caller never affects its batch-mates, and results are set only on futures not done;
 - requests whose non-batch dimensions differ are never stacked together.
@@ -50,6 +56,11 @@ class Decision:
 CUT = Decision(cut=True)
 HOLD = Decision(cut=False)
 
+# Loop turns without a new request after which a waiting batch is cut. Two, not one: a turn's
+# socket reads queue the handlers that will submit, and those run in the next turn, after a
+# check scheduled in the same turn as the read.
+QUIET_TURNS = 2
+
 
 def decide(
     policy: BatchPolicy,
@@ -62,13 +73,16 @@ def decide(
     busy: bool = False,
     queued_requests: int = 0,
     crowd: int = 0,
+    quiet: bool = False,
 ) -> Decision:
     """Whether to cut a batch now, and if not, when to look again.
 
     Eager when idle: with nothing in flight, no preferred size to reach and no sign of
     concurrent traffic (`busy`), a batch is cut at once, so a lone request waits for nothing.
     While other batches run, while traffic is concurrent, or to reach a preferred size, the
-    queue may grow for up to `max_queue_delay_s` past its oldest request.
+    queue may grow for up to `max_queue_delay_s` past its oldest request, but without a
+    preferred size, only while requests keep arriving: `quiet` (no new request for
+    QUIET_TURNS loop turns) cuts at once.
     """
     if queued_rows == 0 or free_instances == 0:
         return HOLD
@@ -86,6 +100,8 @@ def decide(
     # Closed-loop callers come back together: once the queue again holds as many requests as
     # the last batch served (`crowd`), the ones that were coming have come.
     if crowd > 1 and queued_requests >= crowd and not policy.preferred_batch_sizes:
+        return CUT
+    if quiet and not policy.preferred_batch_sizes:
         return CUT
     wake_at = oldest_enqueued + policy.max_queue_delay_s
     if now >= wake_at:
@@ -216,6 +232,12 @@ class DynamicBatcher:
         self._crowd = 0  # requests in the last batch cut
         self._alone = 0  # unbatched runs in progress (policy.enabled = False)
         self._timer: asyncio.TimerHandle | None = None
+        # The quiet watch: requests submitted so far, the count at the last turn, and the
+        # turns since one arrived (see QUIET_TURNS).
+        self._arrivals = 0
+        self._seen = 0
+        self._quiet_turns = 0
+        self._watch: asyncio.Handle | None = None
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -271,6 +293,7 @@ class DynamicBatcher:
             entry.trace = trace
         self._queue.append(entry)
         self._queued_rows += rows
+        self._arrivals += 1
         self._idle.clear()
         if not self._scheduled:
             self._scheduled = True
@@ -317,11 +340,33 @@ class DynamicBatcher:
         self._timer = None
         self._flush()
 
+    def _on_turn(self) -> None:
+        """One loop turn of the quiet watch: count turns without a new request; at
+        QUIET_TURNS, look again (the flush cuts)."""
+        if self._arrivals != self._seen:
+            self._seen = self._arrivals
+            self._quiet_turns = 0
+        else:
+            self._quiet_turns += 1
+        if self._quiet_turns >= QUIET_TURNS:
+            self._watch = None
+            self._flush()
+            return
+        assert self._loop is not None
+        self._watch = self._loop.call_soon(self._on_turn)
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._quiet_turns = 0
+
     def _flush(self) -> None:
         self._scheduled = False
         while True:
             self._drop_dead_head()
             if not self._queue:
+                self._stop_watch()
                 break
             now = self._clock.now()
             decision = decide(
@@ -334,16 +379,27 @@ class DynamicBatcher:
                 busy=self._busy,
                 queued_requests=len(self._queue),
                 crowd=self._crowd,
+                quiet=self._quiet_turns >= QUIET_TURNS,
             )
             if not decision.cut:
-                if decision.wake_at is not None and self._timer is None:
+                if decision.wake_at is not None:
                     loop = self._loop
                     assert loop is not None
-                    self._timer = loop.call_later(max(0.0, decision.wake_at - now), self._on_timer)
+                    if self._timer is None:
+                        self._timer = loop.call_later(
+                            max(0.0, decision.wake_at - now), self._on_timer
+                        )
+                    if self._watch is None and not self.policy.preferred_batch_sizes:
+                        self._seen = self._arrivals
+                        self._quiet_turns = 0
+                        self._watch = loop.call_soon(self._on_turn)
+                else:  # held for an instance: a batch's end looks again
+                    self._stop_watch()
                 break
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            self._stop_watch()
             batch = self._cut(now)
             if not batch:
                 continue
@@ -501,6 +557,7 @@ class DynamicBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_watch()
         while self._queue:
             entry = self._queue.popleft()
             if entry.queued:

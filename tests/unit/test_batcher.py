@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.batching import Arrays, BatchPolicy, DynamicBatcher, Outputs
+from server.batching import QUIET_TURNS, Arrays, BatchPolicy, DynamicBatcher, Outputs
 from server.clock import Clock, FakeClock, MonotonicClock
 from server.errors import (
     DeadlineExceeded,
@@ -359,40 +359,65 @@ async def test_no_more_batches_run_at_once_than_instances(
     assert model.batch_rows == [1, 1, 1]
 
 
-async def test_after_a_cut_that_found_company_a_lone_request_waits_for_more() -> None:
+async def test_after_a_cut_that_found_company_a_request_waits_while_more_keep_arriving() -> None:
     model = Model()
-    batcher = make(model, max_batch_size=2)
-    await asyncio.gather(batcher.submit(req(1.0), 1), batcher.submit(req(2.0), 1))
-    assert model.batch_rows == [2]
+    batcher = make(model)
+    # a crowd of 6: the next batch is not cut early for having as many (see decide)
+    await asyncio.gather(*(batcher.submit(req(float(i)), 1) for i in range(6)))
+    assert model.batch_rows == [6]
 
-    first = req(3.0)
-    waiting = asyncio.create_task(batcher.submit(first, 1))
-    await ticks()
-    assert not waiting.done()  # busy: held for company instead of running alone
-    second = req(4.0)
-    assert_answer(await batcher.submit(second, 1), second)
-    assert_answer(await waiting, first)
-    assert model.batch_rows == [2, 2]
-    np.testing.assert_array_equal(model.batches[1][:, 0], [3.0, 4.0])
+    later = [req(float(i)) for i in range(3, 8)]
+    tasks = []
+    for r in later:  # one per loop turn: company keeps coming, so the batch stays open
+        tasks.append(asyncio.create_task(batcher.submit(r, 1)))
+        await ticks(1)
+    assert model.batch_rows == [6]
+    await ticks(QUIET_TURNS + 3)  # then the loop is quiet: cut, without waiting out LONG
+    assert model.batch_rows == [6, 5]
+    for task, r in zip(tasks, later, strict=True):
+        assert_answer(task.result(), r)
 
 
-async def test_after_a_wait_that_found_no_company_a_lone_request_runs_at_once() -> None:
-    delay = 0.02
+async def test_a_lone_request_held_for_company_is_cut_once_the_loop_is_quiet() -> None:
     model = Model()
     observer = Observer()
-    batcher = make(model, observer=observer, max_queue_delay_s=delay)
+    batcher = make(model, observer=observer)
     await asyncio.gather(batcher.submit(req(1.0), 1), batcher.submit(req(2.0), 1))
 
-    await batcher.submit(req(3.0), 1)  # busy: waits out the delay, then runs alone
+    held = asyncio.create_task(batcher.submit(req(3.0), 1))
+    await ticks(3)
+    assert not held.done()  # busy: held for company at first
+    await ticks(QUIET_TURNS + 3)
+    assert held.done()  # no company came: cut on the quiet loop, long before the delay
     _, waits, _, _ = observer.batches[1]
-    assert waits[0] >= delay - 1e-9
+    assert waits[0] < LONG / 10
 
-    lone = req(4.0)
+    lone = req(4.0)  # that cut found no company: the next lone request is not held
     task = asyncio.create_task(batcher.submit(lone, 1))
-    await ticks()
+    await ticks(3)
     assert task.done()
     assert_answer(task.result(), lone)
     assert model.batch_rows == [2, 1, 1]
+
+
+async def test_requests_arriving_every_turn_are_cut_once_the_delay_has_passed() -> None:
+    """The delay still bounds the wait when the loop is never quiet."""
+    clock = FakeClock()
+    model = Model()
+    observer = Observer()
+    batcher = make(model, clock, observer=observer, max_batch_size=64, max_queue_delay_s=0.002)
+    await asyncio.gather(*(batcher.submit(req(1.0), 1) for _ in range(16)))  # a crowd of 16
+
+    tasks = []
+    for i in range(10):  # one per turn, 0.5 ms apart on the clock
+        tasks.append(asyncio.create_task(batcher.submit(req(float(i)), 1)))
+        await ticks(1)
+        clock.advance(0.0005)
+    assert len(model.batch_rows) >= 2  # cut while requests were still coming
+    _, waits, _, _ = observer.batches[1]
+    assert 0.002 - 1e-9 <= waits[0] <= 0.0025  # the oldest waited out the delay, hardly more
+    await asyncio.gather(*tasks)
+    assert sum(model.batch_rows[1:]) == 10
 
 
 # ---- lifecycle ------------------------------------------------------------------------------

@@ -285,3 +285,27 @@ def test_a_crowd_of_one_never_cuts_early() -> None:
         in_flight=1, busy=True, queued_requests=1, crowd=1,
     )  # fmt: skip
     assert not decision.cut
+
+
+def test_a_quiet_loop_cuts_a_partial_batch_that_was_waiting_for_company() -> None:
+    """Work-conserving: once no request has come for QUIET_TURNS turns, waiting only idles."""
+    policy = BatchPolicy(max_batch_size=64, max_queue_delay_s=0.002)
+    common = dict(queued_rows=3, oldest_enqueued=10.0, now=10.0001, free_instances=1)
+    for in_flight, busy in [(0, True), (1, False), (1, True)]:
+        waiting = decide(policy, **common, in_flight=in_flight, busy=busy, quiet=False)  # type: ignore[arg-type]
+        assert waiting == Decision(cut=False, wake_at=pytest.approx(10.002))
+        assert decide(policy, **common, in_flight=in_flight, busy=busy, quiet=True) == CUT  # type: ignore[arg-type]
+
+
+def test_a_quiet_loop_neither_frees_an_instance_nor_overrides_preferred_sizes() -> None:
+    held = decide(
+        BatchPolicy(max_batch_size=64), queued_rows=3, oldest_enqueued=10.0, now=10.0001,
+        free_instances=0, in_flight=1, busy=True, quiet=True,
+    )  # fmt: skip
+    assert held == HOLD
+    preferred = BatchPolicy(max_batch_size=64, max_queue_delay_s=0.002, preferred_batch_sizes=(8,))
+    waiting = decide(
+        preferred, queued_rows=3, oldest_enqueued=10.0, now=10.0001, free_instances=1,
+        in_flight=0, busy=True, quiet=True,
+    )  # fmt: skip
+    assert waiting == Decision(cut=False, wake_at=pytest.approx(10.002))

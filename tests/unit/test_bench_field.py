@@ -104,9 +104,15 @@ def test_targets_are_ratios_of_the_named_rows() -> None:
         point("batchline", "churn", "http", 1, rps=900.0, p50_ms=1.1),
         point("batchline", "churn", "http-json", 64, rps=2000.0),
         point("triton", "churn", "http", 64, rps=3600.0),
+        point("batchline-nobatch", "churn", "unary", 64, rps=2400.0, server_us_per_request=560.0),
     ]
     got = {t["target"]: t for t in targets(points)}
     expected = {
+        "churn c=64 unary req/s: batchline / batchline-nobatch": (2430 / 2400, False),  # < 1.05
+        "churn c=64 unary server CPU per request: batchline / batchline-nobatch": (
+            550 / 560,
+            False,
+        ),
         "churn c=64 unary req/s: batchline / echo": (2430 / 1000, True),
         "churn c=64 unary server CPU per request: batchline / echo": (550 / 900, True),
         "churn c=64 unary req/s: batchline / echo-native": (2430 / 2700, True),  # 0.90 >= 0.9
