@@ -211,3 +211,52 @@ def test_http_rows_are_planned_for_batchline_and_triton_on_churn_only() -> None:
     for label in ("echo", "naive", "mlserver", "batchline-nobatch"):
         others, _ = measurement_plan(label, ["churn"], args)
         assert all(not call.startswith("http") for _m, call, _c in others), label
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [
+        (None, 4000),  # the warm-up failed: the run's window
+        (20_000.0, 4000),  # 80,000 requests in 4 s: still the run's window
+        (20_001.0, 3900),  # one more: whole 100 ms below 80,000 / rate
+        (37_000.0, 2100),
+        (500_000.0, 1000),  # never under a second
+    ],
+)
+def test_a_window_holds_at_most_max_window_requests(rate: float | None, expected: int) -> None:
+    from bench.field import MAX_WINDOW_REQUESTS, window_for
+
+    assert MAX_WINDOW_REQUESTS == 80_000  # the table above is written for it
+    assert window_for(rate, 4000) == expected
+
+
+def test_a_row_measured_with_shorter_windows_says_so() -> None:
+    from dataclasses import asdict
+
+    from bench.field import markdown
+
+    result = {
+        "date": "2026-12-04",
+        "machine": {
+            "cpus": 2,
+            "cpu_model": "x",
+            "loadavg_before": "0",
+            "python": "3.11",
+            "onnxruntime": "1",
+        },
+        "method": {
+            "server_cpus": "0",
+            "client_cpus": "1",
+            "window_ms": 4000,
+            "max_trials": 6,
+            "warmup_ms": 700,
+        },
+        "points": [
+            asdict(point("echo-native", "-", "unary", 64, rps=37_000.0, window_ms=2100)),
+            asdict(point("batchline", "churn", "unary", 64, rps=20_000.0)),
+        ],
+        "targets": [],
+    }
+    rows = {line.split(" | ")[0]: line for line in markdown(result).splitlines() if line.startswith("| echo-native") or line.startswith("| batchline")}  # fmt: skip
+    assert rows["| echo-native"].endswith("| 2100 ms windows |")
+    assert rows["| batchline"].endswith("|  |")
