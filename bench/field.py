@@ -69,6 +69,8 @@ SATURATED_CORES = 0.85  # a process that used this much of a core had no idle ti
 NO_STREAM = {
     "mlserver": "not measured: MLServer's ModelStreamInfer answers ModelInferResponse, not "
     "Triton's ModelStreamInferResponse, so perf_analyzer misreads every reply",
+    "echo-native": "not measured: a fixed reply at 50k+ req/s over one stream saturates "
+    "perf_analyzer's --streaming mode, which then took 100 s for two 1 s windows",
 }
 # Servers whose V2 REST endpoint is measured, and on which models (the HTTP targets
 # are on churn; the heavy model adds little to a comparison of fronts).

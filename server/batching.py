@@ -9,12 +9,13 @@ batch schedules the next. Learned from MLServer and Ray Serve, and unlike them:
   is in rows too; a full queue rejects at once (ResourceExhausted), it never blocks a caller;
 - an instance permit is taken before a batch is cut, so under saturation batches grow instead of
   many tiny batches waiting for a worker;
-- work-conserving: a partial batch waits for company only while company keeps coming. Once
-  the loop has turned `QUIET_TURNS` times (each turn polls the sockets) without a new request,
-  the batch is cut, whatever `max_queue_delay_s` says; the delay bounds the wait when requests
-  trickle in every turn. Waiting on a quiet loop only idles the core: under a closed loop of
-  64 callers on churn it kept the server 16 % idle (18.3k req/s at 0.84 cores, 21.5k once cut
-  on quiet, bench/field.py);
+- work-conserving: a partial batch with a free instance waits for company only while company
+  keeps coming. Once the loop has turned `QUIET_TURNS` times without a new request, the batch is
+  cut before `max_queue_delay_s` (unless `preferred_batch_sizes` are set: those wait for a size
+  or the delay, as Triton's do); the delay bounds the wait when requests trickle in every turn.
+  Waiting on a quiet loop only idles the core: under a closed loop of 64 callers on churn it
+  kept the server 14-16 % idle (bench/field.py). With `instances` > 1 a quiet loop also sends a
+  small batch to a free instance while others run, as Triton's batcher without a delay does;
 - cancelled and expired requests are dropped before a batch runs and never reach the model; a
   cancelled caller never affects its batch-mates, and results are set only on futures not done;
 - requests whose non-batch dimensions differ are never stacked together.
@@ -58,7 +59,9 @@ HOLD = Decision(cut=False)
 
 # Loop turns without a new request after which a waiting batch is cut. Two, not one: a turn's
 # socket reads queue the handlers that will submit, and those run in the next turn, after a
-# check scheduled in the same turn as the read.
+# check scheduled in the same turn as the read. This assumes a request reaches submit in the
+# first step of the task its bytes started (true of both gRPC transports and REST; a task hop
+# on the way, such as asyncio.wait_for's in 3.11, would let a quiet cut leave it behind).
 QUIET_TURNS = 2
 
 
@@ -350,7 +353,8 @@ class DynamicBatcher:
             self._quiet_turns += 1
         if self._quiet_turns >= QUIET_TURNS:
             self._watch = None
-            self._flush()
+            self._quiet_turns = 0
+            self._flush(quiet=True)
             return
         assert self._loop is not None
         self._watch = self._loop.call_soon(self._on_turn)
@@ -361,7 +365,9 @@ class DynamicBatcher:
             self._watch = None
         self._quiet_turns = 0
 
-    def _flush(self) -> None:
+    def _flush(self, quiet: bool = False) -> None:
+        """Cut and start what `decide` allows; `quiet`: the watch saw QUIET_TURNS turns
+        without a new request (an argument, not state: nothing stale can cut later)."""
         self._scheduled = False
         while True:
             self._drop_dead_head()
@@ -379,7 +385,7 @@ class DynamicBatcher:
                 busy=self._busy,
                 queued_requests=len(self._queue),
                 crowd=self._crowd,
-                quiet=self._quiet_turns >= QUIET_TURNS,
+                quiet=quiet,
             )
             if not decision.cut:
                 if decision.wake_at is not None:

@@ -192,7 +192,13 @@ class InferencePipeline:
                 request.inputs, request.rows, request.deadline, request.trace
             )
             timeout = served.settings.timeout_ms
-            outputs = await (asyncio.wait_for(submitted, timeout / 1000) if timeout else submitted)
+            if timeout:
+                # asyncio.timeout, not wait_for: no task of its own (3.11's wait_for makes one),
+                # so the submit happens in this step, where the batcher's quiet watch expects it.
+                async with asyncio.timeout(timeout / 1000):
+                    outputs = await submitted
+            else:
+                outputs = await submitted
         except (ModelError, TimeoutError) as exc:
             ended = self._clock.now()
             breaker.record(permit, False, ended - began, ended)

@@ -378,6 +378,64 @@ async def test_after_a_cut_that_found_company_a_request_waits_while_more_keep_ar
         assert_answer(task.result(), r)
 
 
+async def test_a_request_whose_bytes_were_read_in_a_held_turn_joins_the_batch() -> None:
+    """A socket read runs as a callback that starts the handler's task; the task submits a
+    turn later. Reads one turn apart are company still coming, not a quiet loop."""
+    model = Model()
+    batcher = make(model)
+    await asyncio.gather(*(batcher.submit(req(float(i)), 1) for i in range(6)))
+    loop = asyncio.get_running_loop()
+    later = [req(float(i)) for i in range(4)]
+    tasks: list[asyncio.Task[Outputs]] = []
+
+    def read(r: Arrays) -> None:  # what a protocol's data_received does
+        tasks.append(asyncio.create_task(batcher.submit(r, 1)))
+
+    for r in later:
+        loop.call_soon(read, r)
+        await ticks(2)
+    assert model.batch_rows == [6]
+    await ticks(QUIET_TURNS + 3)
+    assert model.batch_rows == [6, 4]
+    for task, r in zip(tasks, later, strict=True):
+        assert_answer(task.result(), r)
+    assert batcher._watch is None  # the watch ended with the cut
+
+
+async def test_the_quiet_watch_ends_when_its_callers_are_cancelled_or_the_batcher_closes() -> None:
+    model = Model()
+    batcher = make(model)
+    await asyncio.gather(*(batcher.submit(req(1.0), 1) for _ in range(4)))
+    held = asyncio.create_task(batcher.submit(req(2.0), 1))
+    await ticks(2)
+    assert batcher._watch is not None
+    held.cancel()
+    await ticks(QUIET_TURNS + 3)
+    assert batcher._watch is None
+    assert model.batch_rows == [4]  # the cancelled caller never reached the model
+
+    await asyncio.gather(*(batcher.submit(req(1.0), 1) for _ in range(4)))
+    closing = asyncio.create_task(batcher.submit(req(3.0), 1))
+    await ticks(2)
+    assert batcher._watch is not None
+    batcher.close()
+    assert batcher._watch is None
+    with pytest.raises(Unavailable):
+        await closing
+
+
+async def test_preferred_sizes_wait_for_a_size_even_on_a_quiet_loop() -> None:
+    model = Model()
+    batcher = make(model, preferred_batch_sizes=(4,))
+    first = [asyncio.create_task(batcher.submit(req(float(i)), 1)) for i in range(2)]
+    await ticks(QUIET_TURNS + 5)
+    assert model.batch_rows == []  # two rows, no size reached, LONG delay: held
+    assert batcher._watch is None  # and no watch turning the loop meanwhile
+    rest = [asyncio.create_task(batcher.submit(req(float(i)), 1)) for i in range(2)]
+    await asyncio.gather(*first, *rest)
+    assert model.batch_rows == [4]
+
+
 async def test_a_lone_request_held_for_company_is_cut_once_the_loop_is_quiet() -> None:
     model = Model()
     observer = Observer()
