@@ -235,10 +235,7 @@ class DynamicBatcher:
         self._crowd = 0  # requests in the last batch cut
         self._alone = 0  # unbatched runs in progress (policy.enabled = False)
         self._timer: asyncio.TimerHandle | None = None
-        # The quiet watch: requests submitted so far, the count at the last turn, and the
-        # turns since one arrived (see QUIET_TURNS).
-        self._arrivals = 0
-        self._seen = 0
+        # The quiet watch: its callbacks since the last submit (which resets it; see QUIET_TURNS).
         self._quiet_turns = 0
         self._watch: asyncio.Handle | None = None
         self._closed = False
@@ -296,7 +293,7 @@ class DynamicBatcher:
             entry.trace = trace
         self._queue.append(entry)
         self._queued_rows += rows
-        self._arrivals += 1
+        self._quiet_turns = 0
         self._idle.clear()
         if not self._scheduled:
             self._scheduled = True
@@ -344,14 +341,11 @@ class DynamicBatcher:
         self._flush()
 
     def _on_turn(self) -> None:
-        """One loop turn of the quiet watch: count turns without a new request; at
-        QUIET_TURNS, look again (the flush cuts)."""
-        if self._arrivals != self._seen:
-            self._seen = self._arrivals
-            self._quiet_turns = 0
-        else:
-            self._quiet_turns += 1
-        if self._quiet_turns >= QUIET_TURNS:
+        """One loop turn of the quiet watch. The first callback after a submit ends the turn
+        the submit ran in; past that, QUIET_TURNS whole turns without one: look again (the
+        flush cuts)."""
+        self._quiet_turns += 1
+        if self._quiet_turns > QUIET_TURNS:
             self._watch = None
             self._quiet_turns = 0
             self._flush(quiet=True)
@@ -396,7 +390,6 @@ class DynamicBatcher:
                             max(0.0, decision.wake_at - now), self._on_timer
                         )
                     if self._watch is None and not self.policy.preferred_batch_sizes:
-                        self._seen = self._arrivals
                         self._quiet_turns = 0
                         self._watch = loop.call_soon(self._on_turn)
                 else:  # held for an instance: a batch's end looks again
